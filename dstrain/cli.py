@@ -22,13 +22,310 @@ def cli() -> None:
     """Fine-tune GenSLM genome language models with DeepSpeed ZeRO."""
 
 
+# --------------------------------------------------------------------------------------
+# gen-config: settings -> DeepSpeed JSON
+# --------------------------------------------------------------------------------------
+
+# Each gen-config flag and the settings field it sets; also used to name flags in errors.
+GEN_CONFIG_FLAGS: dict[str, str] = {
+    "precision": "precision",
+    "zero": "zero_optimization.stage",
+    "offload_optimizer": "zero_optimization.offload_optimizer.device",
+    "offload_param": "zero_optimization.offload_param.device",
+    "nvme_path": "zero_optimization.offload_optimizer.nvme_path",
+    "overlap_comm": "zero_optimization.overlap_comm",
+    "reduce_bucket_size": "zero_optimization.reduce_bucket_size",
+    "allgather_bucket_size": "zero_optimization.allgather_bucket_size",
+    "stage3_prefetch_bucket_size": "zero_optimization.stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters": "zero_optimization.stage3_max_live_parameters",
+    "stage3_param_persistence_threshold": "zero_optimization.stage3_param_persistence_threshold",
+    "gather_16bit_weights": "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+    "loss_scale": "fp16.loss_scale",
+    "initial_scale_power": "fp16.initial_scale_power",
+    "loss_scale_window": "fp16.loss_scale_window",
+    "hysteresis": "fp16.hysteresis",
+    "consecutive_hysteresis": "fp16.consecutive_hysteresis",
+    "min_loss_scale": "fp16.min_loss_scale",
+    "micro_batch": "batch.train_micro_batch_size_per_gpu",
+    "grad_accum": "batch.gradient_accumulation_steps",
+    "global_batch": "batch.train_batch_size",
+    "clip": "gradient_clipping",
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "adam_eps": "optimizer.eps",
+    "torch_adam": "optimizer.torch_adam",
+    "scheduler": "scheduler.type",
+    "warmup_steps": "scheduler.warmup_num_steps",
+    "total_steps": "scheduler.total_num_steps",
+    "activation_checkpointing": "activation_checkpointing.enabled",
+    "steps_per_print": "steps_per_print",
+    "wall_clock_breakdown": "wall_clock_breakdown",
+}
+
+
+@cli.command("gen-config")
+@click.option("--settings", "settings_file", type=click.Path(dir_okay=False),
+              help="Start from a settings file (JSON, or TOML on Python 3.11+); flags override it.")
+@click.option("--bf16", "precision", flag_value="bf16", help="bf16 mixed precision (default).")
+@click.option("--fp16", "precision", flag_value="fp16", help="fp16 with dynamic loss scaling.")
+@click.option("--fp32", "precision", flag_value="fp32", help="Full fp32 training.")
+@click.option("--zero", type=click.IntRange(0, 3), help="ZeRO stage 0-3 (default 2).")
+@click.option("--offload-optimizer", type=click.Choice(["none", "cpu", "nvme"]),
+              help="Offload optimizer states (stages 1-3; nvme needs stage 3).")
+@click.option("--offload-param", type=click.Choice(["none", "cpu", "nvme"]),
+              help="Offload parameters (stage 3 only).")
+@click.option("--nvme-path", help="NVMe directory for nvme offload (optimizer and params).")
+@click.option("--overlap-comm/--no-overlap-comm", default=None,
+              help="Overlap gradient reduction with backward (default: DeepSpeed's).")
+@click.option("--reduce-bucket-size", type=int, help="Elements reduced at once.")
+@click.option("--allgather-bucket-size", type=int, help="Elements all-gathered at once (1-2).")
+@click.option("--stage3-prefetch-bucket-size", type=int, help="Stage 3 prefetch, in elements.")
+@click.option("--stage3-max-live-parameters", type=int, help="Stage 3 live parameters cap.")
+@click.option("--stage3-param-persistence-threshold", type=int,
+              help="Stage 3: smaller parameters stay unpartitioned.")
+@click.option("--gather-16bit-weights/--no-gather-16bit-weights", default=None,
+              help="Stage 3: gather 16-bit weights on save (default on).")
+@click.option("--loss-scale", type=float, help="fp16 static loss scale (0 = dynamic).")
+@click.option("--initial-scale-power", type=int, help="fp16 dynamic scale starts at 2**N.")
+@click.option("--loss-scale-window", type=int, help="fp16 clean steps before the scale doubles.")
+@click.option("--hysteresis", type=int, help="fp16 overflows tolerated before halving.")
+@click.option("--consecutive-hysteresis/--no-consecutive-hysteresis", default=None,
+              help="fp16: refill hysteresis after every clean step.")
+@click.option("--min-loss-scale", type=float, help="fp16 floor of the dynamic scale.")
+@click.option("--micro-batch", type=int, help="train_micro_batch_size_per_gpu (default 4).")
+@click.option("--grad-accum", type=int, help="gradient_accumulation_steps (default 1).")
+@click.option("--global-batch", type=int,
+              help="Pin train_batch_size; by default it is left out so DeepSpeed derives it "
+              "from the world size.")
+@click.option("--clip", type=float, help="gradient_clipping (default 1.0; 0 disables).")
+@click.option("--lr", type=float, help="AdamW peak learning rate (default 5e-5).")
+@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01).")
+@click.option("--adam-eps", type=float, help="AdamW eps (default 1e-8).")
+@click.option("--torch-adam/--fused-adam", default=None,
+              help="torch's AdamW (default) or DeepSpeed's FusedAdam (CUDA, JIT-built).")
+@click.option("--scheduler", type=click.Choice(["none", "WarmupLR", "WarmupDecayLR",
+                                                 "WarmupCosineLR"]),
+              help="Learning-rate schedule (default WarmupLR).")
+@click.option("--warmup-steps", type=int, help="Warm-up optimizer steps (default 100).")
+@click.option("--total-steps", type=int, help="Schedule length (WarmupDecayLR, WarmupCosineLR).")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+              help="Recompute activations in backward (less memory, ~1/3 more compute).")
+@click.option("--steps-per-print", type=int, help="DeepSpeed's own print interval.")
+@click.option("--wall-clock-breakdown/--no-wall-clock-breakdown", default=None,
+              help="Time forward/backward/step separately.")
+@click.option("--csv-monitor", "csv_monitor", metavar="DIR",
+              help="Enable DeepSpeed's csv monitor writing under DIR.")
+@click.option("--tensorboard", "tensorboard", metavar="DIR",
+              help="Enable DeepSpeed's tensorboard monitor writing under DIR.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the JSON here (atomically) instead of stdout.")
+def gen_config(settings_file: str | None, output: str | None, csv_monitor: str | None,
+               tensorboard: str | None, **flags) -> None:
+    """Write a DeepSpeed JSON config from typed, validated settings.
+
+    \b
+    Examples:
+      dstrain gen-config --zero 2 --bf16
+      dstrain gen-config --zero 3 --fp16 --loss-scale-window 500 --initial-scale-power 12
+      dstrain gen-config --micro-batch 4 --grad-accum 8 --offload-optimizer cpu -o ds.json
+    """
+    from dstrain.ds_config import build_ds_config, render_ds_config, write_text_atomic
+    from dstrain.settings import apply_overrides, make_deepspeed_settings, read_settings_file
+
+    base = read_settings_file(settings_file) if settings_file else {}
+    overrides = {GEN_CONFIG_FLAGS[name]: value for name, value in flags.items()}
+    nvme_path = flags.get("nvme_path")
+    if nvme_path is not None:
+        overrides["zero_optimization.offload_param.nvme_path"] = nvme_path
+    for name, where in (("csv_monitor", csv_monitor), ("tensorboard", tensorboard)):
+        if where is not None:
+            overrides[f"{name}.enabled"] = True
+            overrides[f"{name}.output_path"] = where
+    data = apply_overrides(base, overrides)
+    source = settings_file or "flags"
+    try:
+        settings = make_deepspeed_settings(data, source)
+    except DstrainError as exc:
+        raise DstrainError(_name_flags(str(exc))) from None
+    text = render_ds_config(build_ds_config(settings))
+    if output:
+        write_text_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _name_flags(message: str) -> str:
+    """Append the flag that sets each settings field named in `message`."""
+    for name, field in sorted(GEN_CONFIG_FLAGS.items(), key=lambda item: -len(item[1])):
+        flag = "--" + name.replace("_", "-")
+        message = message.replace(f"\n  {field}:", f"\n  {field} ({flag}):")
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# validate: any DeepSpeed JSON
+# --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--world-size", type=click.IntRange(min=1),
+              help="Data-parallel ranks, for the batch arithmetic.")
+@click.option("--hostfile", type=click.Path(dir_okay=False),
+              help="DeepSpeed hostfile; the world size is the sum of its slots.")
+@click.option("--allow-auto", is_flag=True, help='Accept "auto" values (HF Trainer fills them).')
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
+@click.option("--no-deepspeed", is_flag=True,
+              help="Skip DeepSpeed's own parser (no deepspeed import; fast).")
+def validate(paths: tuple[str, ...], world_size: int | None, hostfile: str | None,
+             allow_auto: bool, as_json: bool, no_deepspeed: bool) -> None:
+    """Check DeepSpeed JSON configs strictly; `-` reads stdin.
+
+    Reports every problem at once with its file and JSON path: unknown keys (with a
+    did-you-mean), leftover "auto", settings DeepSpeed ignores silently, batch arithmetic
+    for the real world size, then DeepSpeed's own parser. Exit 0 valid, 1 invalid, 2 usage.
+    """
+    import json
+
+    from dstrain.ds_check import validate_file
+    from dstrain.hostfile import world_size_from_hostfile
+
+    if world_size is not None and hostfile is not None:
+        raise click.UsageError("give --world-size or --hostfile, not both")
+    if hostfile is not None:
+        try:
+            world_size = world_size_from_hostfile(hostfile)
+        except DstrainError as exc:
+            raise DstrainError(str(exc), exit_code=2) from None
+    problems = []
+    for path in paths:
+        problems += validate_file(path, world_size=world_size, allow_auto=allow_auto,
+                                  use_deepspeed=not no_deepspeed)
+    errors = [p for p in problems if p.severity == "error"]
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in problems], indent=2))
+    else:
+        for problem in problems:
+            click.echo(problem.format())
+        bad = {p.file for p in errors}
+        for path in paths:
+            name = "<stdin>" if path == "-" else path
+            if name not in bad:
+                click.echo(f"{name}: OK")
+        if errors:
+            click.echo(f"{len(errors)} error(s) in {len(bad)} file(s)", err=True)
+    if errors:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("convert-checkpoint")
+@click.argument("checkpoint", type=click.Path(dir_okay=True))
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="Architecture of the checkpoint: a registered name (genslm_25M, genslm_250M, "
+    "genslm_2.5B, ...) or a GPT-NeoX config.json.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="HF model directory to write (safetensors + config.json + codon tokenizer).",
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Allow full unpickling of CHECKPOINT, which can run code hidden in the file. "
+    "Official GenSLM .pt files need it; use only for files from a source you trust.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an existing model directory.")
+def convert_checkpoint_command(
+    checkpoint: str, model_name: str, out_dir: str, trust_checkpoint: bool, overwrite: bool
+) -> None:
+    """Convert an official GenSLM checkpoint (.pt) into an HF model directory.
+
+    The result loads with `AutoModelForCausalLM.from_pretrained(OUTPUT)` and serves as
+    an initial checkpoint for training. Every tensor is checked: a checkpoint of another
+    size fails with the tensors that differ.
+    """
+    from dstrain.model import convert_checkpoint
+
+    result = convert_checkpoint(
+        checkpoint, model_name, out_dir, trust_checkpoint=trust_checkpoint, overwrite=overwrite
+    )
+    click.echo(
+        f"wrote {result.out_dir} ({result.architecture.name}, {result.num_params:,} parameters, "
+        f"fp32 safetensors + codon tokenizer)"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# prepare: FASTA -> codon token cache
+# --------------------------------------------------------------------------------------
+
+
+@cli.command("prepare")
+@click.argument("fasta", nargs=-1, required=True)
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
+              help="Cache directory to write (replaced as a whole; reused when it matches).")
+@click.option("--frame", type=click.Choice(["0", "orf"]),
+              help="0: codons from each record's first base (default, upstream); orf: the "
+              "longest ATG...stop open reading frame, stop codon included.")
+@click.option("--on-ambiguous", type=click.Choice(["unk", "skip-record", "error"]),
+              help="Codons with IUPAC codes (N, R, Y...): [UNK] (default), drop the record, "
+              "or stop.")
+@click.option("--max-length", type=int,
+              help="Longest example in codons (default 2048); longer records become windows.")
+@click.option("--window-overlap", type=int, help="Codons shared by consecutive windows (0).")
+@click.option("--val-fraction", type=float,
+              help="Share of records held out for validation, by record-ID hash (0.1).")
+@click.option("--split-seed", type=int, help="Salt of the record-ID hash (0).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON on stdout (totals, splits, per file).")
+def prepare_command(fasta: tuple[str, ...], output: str, as_json: bool, **options) -> None:
+    """Tokenize nucleotide FASTA files (plain or .gz) into a reusable codon token cache.
+
+    Reports records, codons, [UNK] codons, dropped partial codons and skipped records per
+    file. A second run with the same files and options reuses the cache.
+
+    \b
+    Examples:
+      dstrain prepare genes.fasta -o runs/cache
+      dstrain prepare a.fasta.gz b.fasta -o runs/cache --frame orf --json
+    """
+    import time
+    from pathlib import Path
+
+    from dstrain.prepare import (
+        data_settings_from_options,
+        format_summary,
+        prepare_dataset,
+        report_json,
+    )
+
+    settings = data_settings_from_options(**options)
+    start = time.perf_counter()
+    prepared = prepare_dataset([Path(p) for p in fasta], Path(output), settings)
+    if as_json:
+        click.echo(report_json(prepared), nl=False)
+    else:
+        click.echo(format_summary(prepared, time.perf_counter() - start))
+
+
 # -- end of commands --
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a `DstrainError` becomes one paragraph on stderr and its exit code."""
     try:
-        cli.main(args=argv, prog_name="dstrain", standalone_mode=False)
+        # Without standalone mode click returns the code of a `ctx.exit(code)`.
+        code = cli.main(args=argv, prog_name="dstrain", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

@@ -1,0 +1,161 @@
+"""Settings -> DeepSpeed JSON.
+
+Pure layer (L0). `build_ds_config` maps validated `DeepSpeedSettings` onto DeepSpeed's
+own key names, in a fixed order, so the same settings always give the same bytes
+(`render_ds_config`): the presets in ds_configs/ are checked for drift byte for byte.
+
+Batch: without a pinned global batch the JSON carries only the micro batch and the
+accumulation steps, and DeepSpeed derives train_batch_size = micro x accumulation x
+data-parallel world size at start-up, so one file fits 1 GPU or 64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dstrain.settings import DeepSpeedSettings, Monitor, Offload, ZeroSettings
+
+
+def _offload_block(offload: Offload) -> dict[str, Any]:
+    block: dict[str, Any] = {"device": offload.device}
+    if offload.nvme_path:
+        block["nvme_path"] = offload.nvme_path
+    block["pin_memory"] = offload.pin_memory
+    return block
+
+
+def _zero_block(zero: ZeroSettings) -> dict[str, Any]:
+    block: dict[str, Any] = {"stage": zero.stage}
+    if zero.stage == 0:
+        return block
+    if zero.overlap_comm is not None:
+        block["overlap_comm"] = zero.overlap_comm
+    block["contiguous_gradients"] = zero.contiguous_gradients
+    block["reduce_bucket_size"] = zero.reduce_bucket_size
+    if zero.stage in (1, 2):
+        block["allgather_bucket_size"] = zero.allgather_bucket_size
+    else:
+        block["stage3_prefetch_bucket_size"] = zero.stage3_prefetch_bucket_size
+        block["stage3_param_persistence_threshold"] = zero.stage3_param_persistence_threshold
+        block["stage3_max_live_parameters"] = zero.stage3_max_live_parameters
+        block["stage3_max_reuse_distance"] = zero.stage3_max_reuse_distance
+        block["stage3_gather_16bit_weights_on_model_save"] = (
+            zero.stage3_gather_16bit_weights_on_model_save
+        )
+        block["sub_group_size"] = zero.sub_group_size
+    if zero.offload_optimizer.device != "none":
+        block["offload_optimizer"] = _offload_block(zero.offload_optimizer)
+    if zero.offload_param.device != "none":
+        block["offload_param"] = _offload_block(zero.offload_param)
+    return block
+
+
+def _scheduler_block(settings: DeepSpeedSettings) -> dict[str, Any] | None:
+    sched = settings.scheduler
+    if sched.type == "none":
+        return None
+    if sched.type == "WarmupCosineLR":
+        params: dict[str, Any] = {
+            "total_num_steps": sched.total_num_steps,
+            "warmup_min_ratio": sched.warmup_min_ratio,
+            "warmup_num_steps": sched.warmup_num_steps,
+            "cos_min_ratio": sched.cos_min_ratio,
+            "warmup_type": sched.warmup_type,
+        }
+    else:
+        params = {
+            "warmup_min_lr": sched.warmup_min_lr,
+            "warmup_max_lr": settings.optimizer.lr,
+            "warmup_num_steps": sched.warmup_num_steps,
+            "warmup_type": sched.warmup_type,
+        }
+        if sched.type == "WarmupDecayLR":
+            params["total_num_steps"] = sched.total_num_steps
+    return {"type": sched.type, "params": params}
+
+
+def _monitor_block(monitor: Monitor) -> dict[str, Any]:
+    return {"enabled": True, "output_path": monitor.output_path, "job_name": monitor.job_name}
+
+
+def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
+    """The DeepSpeed config dict for `settings`, keys in a fixed order."""
+    batch = settings.batch
+    config: dict[str, Any] = {}
+    if batch.train_batch_size is not None:
+        config["train_batch_size"] = batch.train_batch_size
+    config["train_micro_batch_size_per_gpu"] = batch.train_micro_batch_size_per_gpu
+    config["gradient_accumulation_steps"] = batch.gradient_accumulation_steps
+    config["gradient_clipping"] = settings.gradient_clipping
+    config["steps_per_print"] = settings.steps_per_print
+    config["wall_clock_breakdown"] = settings.wall_clock_breakdown
+    if settings.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif settings.precision == "fp16":
+        scaling = settings.fp16
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": scaling.loss_scale,
+            "initial_scale_power": scaling.initial_scale_power,
+            "loss_scale_window": scaling.loss_scale_window,
+            "hysteresis": scaling.hysteresis,
+            "consecutive_hysteresis": scaling.consecutive_hysteresis,
+            "min_loss_scale": scaling.min_loss_scale,
+        }
+    config["zero_optimization"] = _zero_block(settings.zero_optimization)
+    opt = settings.optimizer
+    config["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            # Optimizer offload runs DeepSpeed's CPU Adam (a C++ op, much faster on host
+            # RAM than torch's): torch_adam would override it.
+            "torch_adam": opt.torch_adam and settings.zero_optimization.offload_optimizer.device == "none",
+        },
+    }
+    scheduler = _scheduler_block(settings)
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    ac = settings.activation_checkpointing
+    if ac.enabled:
+        config["activation_checkpointing"] = {
+            "partition_activations": ac.partition_activations,
+            "cpu_checkpointing": ac.cpu_checkpointing,
+            "contiguous_memory_optimization": ac.contiguous_memory_optimization,
+            "number_checkpoints": None,
+            "synchronize_checkpoint_boundary": False,
+            "profile": False,
+        }
+    if settings.csv_monitor.enabled:
+        config["csv_monitor"] = _monitor_block(settings.csv_monitor)
+    if settings.tensorboard.enabled:
+        config["tensorboard"] = _monitor_block(settings.tensorboard)
+    return config
+
+
+def render_ds_config(config: dict[str, Any]) -> str:
+    """JSON text as dstrain writes it: indent 2, insertion order, trailing newline."""
+    return json.dumps(config, indent=2) + "\n"
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,414 @@
+"""Typed, validated settings: the one settings tree dstrain reads.
+
+Pure layer (L0): pydantic and the standard library only. Every field has a docstring;
+pydantic turns it into the field description (and the CLI help reuses it). Fields that map
+one to one onto a DeepSpeed key keep DeepSpeed's name. Cross-field rules live in one
+validator per model, and each reports every problem it finds, not just the first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dstrain.errors import DstrainError
+
+
+class _Node(BaseModel):
+    """Base for every settings node: unknown keys are errors, docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------
+# Data: FASTA -> codon token ids -> batches
+# --------------------------------------------------------------------------------------
+
+
+class DataSettings(_Node):
+    """How nucleotide FASTA becomes training examples."""
+
+    frame: Literal["0", "orf"] = "0"
+    """Reading frame: `0` reads each record from its first base (upstream GenSLM);
+    `orf` keeps the longest ATG...stop open reading frame of each record."""
+
+    on_ambiguous: Literal["unk", "skip-record", "error"] = "unk"
+    """What to do with a codon holding an IUPAC ambiguity code (N, R, Y, ...): map it to
+    `[UNK]` (counted in the report), drop the whole record, or stop with an error."""
+
+    max_length: int = Field(default=2048, ge=8)
+    """Longest example in codon tokens (GenSLM's context is 2048). Longer records are cut
+    into windows of this size instead of being truncated."""
+
+    window_overlap: int = Field(default=0, ge=0)
+    """Codons shared by consecutive windows of a record longer than `max_length`."""
+
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Share of records held out for validation, chosen by hashing record IDs so the split
+    stays stable when the FASTA grows."""
+
+    split_seed: int = 0
+    """Salt for the record-ID hash that assigns records to train or validation."""
+
+    padding: Literal["longest", "max_length"] = "longest"
+    """`longest` pads each batch to its longest example; `max_length` pads every example to
+    `max_length` (upstream GenSLM's behaviour, mostly wasted compute)."""
+
+    loss_on_pad: bool = False
+    """Count padding positions in the loss (upstream GenSLM does; wrong, kept for
+    reproducing old numbers). By default pad labels are -100 and ignored."""
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed: everything that ends up in the DeepSpeed JSON
+# --------------------------------------------------------------------------------------
+
+
+class LossScaling(_Node):
+    """fp16 loss scaling (DeepSpeed's `fp16` block). Ignored, and refused if set, unless
+    precision is fp16: bf16 and fp32 have the range to train without it."""
+
+    loss_scale: float = Field(default=0.0, ge=0.0)
+    """Static loss scale; 0 selects dynamic scaling (the usual choice)."""
+
+    initial_scale_power: int = Field(default=16, ge=0, le=40)
+    """Dynamic scaling starts at 2**initial_scale_power."""
+
+    loss_scale_window: int = Field(default=1000, ge=1)
+    """Clean (overflow-free) steps before the dynamic scale doubles."""
+
+    hysteresis: int = Field(default=2, ge=1)
+    """Overflows tolerated before the dynamic scale halves."""
+
+    consecutive_hysteresis: bool = False
+    """Refill the hysteresis budget after every clean step, not only at window ends."""
+
+    min_loss_scale: float = Field(default=1.0, gt=0.0)
+    """Floor of the dynamic scale; another overflow there stops training."""
+
+
+class Offload(_Node):
+    """Where a ZeRO partition lives when it is not on the GPU."""
+
+    device: Literal["none", "cpu", "nvme"] = "none"
+    """`none` keeps it on the GPU; `cpu` moves it to host RAM; `nvme` to local NVMe."""
+
+    nvme_path: str | None = None
+    """Directory on a fast local NVMe drive; required when device is `nvme`."""
+
+    pin_memory: bool = True
+    """Page-lock host buffers: faster transfers, but pinned RAM cannot be swapped."""
+
+
+class ZeroSettings(_Node):
+    """ZeRO partitioning (DeepSpeed's `zero_optimization` block)."""
+
+    stage: int = Field(default=2, ge=0, le=3)
+    """0 = plain data parallel; 1 shards optimizer states; 2 also gradients; 3 also
+    parameters. Higher stages save memory and communicate more."""
+
+    offload_optimizer: Offload = Field(default_factory=Offload)
+    """Offload of optimizer states and the fp32 master weights (stages 1-3; nvme needs 3)."""
+
+    offload_param: Offload = Field(default_factory=Offload)
+    """Offload of parameters (stage 3 only)."""
+
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with the backward pass; unset keeps DeepSpeed's default
+    (on for stage 3, off otherwise)."""
+
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+
+    reduce_bucket_size: int = Field(default=500_000_000, ge=1)
+    """Elements reduced at once (larger: faster, more memory)."""
+
+    allgather_bucket_size: int = Field(default=500_000_000, ge=1)
+    """Elements all-gathered at once after the step (stages 1-2)."""
+
+    stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=0)
+    """Stage 3: parameter elements fetched ahead of use."""
+
+    stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+    """Stage 3: parameters smaller than this many elements are not partitioned."""
+
+    stage3_max_live_parameters: int = Field(default=1_000_000_000, ge=1)
+    """Stage 3: most parameter elements kept gathered on a GPU at once."""
+
+    stage3_max_reuse_distance: int = Field(default=1_000_000_000, ge=0)
+    """Stage 3: keep a gathered parameter if it is reused within this many elements."""
+
+    stage3_gather_16bit_weights_on_model_save: bool = True
+    """Stage 3: gather full 16-bit weights when saving, so the saved model is usable
+    without running zero_to_fp32."""
+
+    sub_group_size: int = Field(default=1_000_000_000, ge=1)
+    """Stage 3: optimizer step granularity in elements (smaller: less peak memory)."""
+
+
+class BatchSettings(_Node):
+    """The batch triple. DeepSpeed's rule: train_batch_size =
+    train_micro_batch_size_per_gpu x gradient_accumulation_steps x data-parallel ranks."""
+
+    train_micro_batch_size_per_gpu: int = Field(default=4, ge=1)
+    """Sequences per forward/backward pass on each GPU."""
+
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches whose gradients are summed before one optimizer step."""
+
+    train_batch_size: int | None = Field(default=None, ge=1)
+    """Global batch in sequences. Leave unset so DeepSpeed derives it from the world size
+    and one JSON fits any cluster; pin it only to fix the global batch."""
+
+
+class OptimizerSettings(_Node):
+    """AdamW (decoupled weight decay), built by DeepSpeed from the `optimizer` block."""
+
+    lr: float = Field(default=5e-5, gt=0.0)
+    """Peak learning rate."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates (beta1, beta2), each in [0, 1)."""
+
+    eps: float = Field(default=1e-8, gt=0.0)
+    """Adam's denominator term."""
+
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """Decoupled weight decay."""
+
+    torch_adam: bool = True
+    """Use torch's AdamW instead of DeepSpeed's FusedAdam. FusedAdam is a CUDA kernel
+    compiled on first use (about a minute); torch's is as good on CPU and fine on GPU.
+    Optimizer offload always uses DeepSpeed's CPU Adam, whatever this says."""
+
+
+class SchedulerSettings(_Node):
+    """Learning-rate schedule (DeepSpeed's `scheduler` block)."""
+
+    type: Literal["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"] = "WarmupLR"
+    """`WarmupLR` warms up then holds; `WarmupDecayLR` warms up then decays linearly to 0
+    at total_num_steps; `WarmupCosineLR` warms up then follows a cosine to
+    cos_min_ratio x lr; `none` keeps lr constant."""
+
+    warmup_num_steps: int = Field(default=100, ge=0)
+    """Optimizer steps of warm-up."""
+
+    warmup_min_lr: float = Field(default=0.0, ge=0.0)
+    """Learning rate at step 0 (WarmupLR, WarmupDecayLR)."""
+
+    warmup_type: Literal["linear", "log"] = "linear"
+    """Shape of the warm-up ramp."""
+
+    total_num_steps: int | None = Field(default=None, ge=1)
+    """Length of the schedule in optimizer steps (WarmupDecayLR, WarmupCosineLR)."""
+
+    warmup_min_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """WarmupCosineLR: starting lr as a fraction of the peak."""
+
+    cos_min_ratio: float = Field(default=0.0001, ge=0.0, le=1.0)
+    """WarmupCosineLR: final lr as a fraction of the peak."""
+
+
+class ActivationCheckpointing(_Node):
+    """Recompute activations in the backward pass instead of storing them (DeepSpeed's
+    `activation_checkpointing` block; dstrain's loop turns on the model's per-layer
+    recomputation when it is enabled)."""
+
+    enabled: bool = False
+    """Recompute each transformer layer's activations: about 1/3 more compute, activation
+    memory down to roughly the layer inputs."""
+
+    partition_activations: bool = False
+    """Shard the saved layer inputs across model-parallel ranks (no effect without
+    model parallelism)."""
+
+    cpu_checkpointing: bool = False
+    """Keep the saved layer inputs in host RAM (needs partition_activations)."""
+
+    contiguous_memory_optimization: bool = False
+    """Copy checkpoints into one contiguous buffer (needs partition_activations)."""
+
+
+class Monitor(_Node):
+    """A DeepSpeed metrics monitor (csv or tensorboard)."""
+
+    enabled: bool = False
+    """Write DeepSpeed's own training metrics (loss, lr, loss scale) with this monitor."""
+
+    output_path: str = ""
+    """Directory for the monitor's files; empty means the run's output directory."""
+
+    job_name: str = "dstrain"
+    """Sub-directory (tensorboard) or file prefix (csv) for this run."""
+
+
+class DeepSpeedSettings(_Node):
+    """Everything dstrain writes into a DeepSpeed JSON config."""
+
+    precision: Literal["fp32", "fp16", "bf16"] = "bf16"
+    """Training precision. bf16 (Ampere or newer GPUs, and CPUs) needs no loss scaling;
+    fp16 (V100 and older) uses dynamic loss scaling; fp32 is slow and simple."""
+
+    fp16: LossScaling = Field(default_factory=LossScaling)
+    """fp16 loss scaling (only with precision fp16)."""
+
+    zero_optimization: ZeroSettings = Field(default_factory=ZeroSettings)
+    """ZeRO stage, offload and communication knobs."""
+
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    """Micro batch, gradient accumulation and the optional pinned global batch."""
+
+    gradient_clipping: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    """AdamW hyper-parameters."""
+
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    """Learning-rate schedule."""
+
+    activation_checkpointing: ActivationCheckpointing = Field(
+        default_factory=ActivationCheckpointing
+    )
+    """Activation recomputation."""
+
+    steps_per_print: int = Field(default=10, ge=1)
+    """DeepSpeed prints its own progress line every this many optimizer steps."""
+
+    wall_clock_breakdown: bool = False
+    """Time forward, backward and step separately (adds synchronisation; for profiling)."""
+
+    csv_monitor: Monitor = Field(default_factory=Monitor)
+    """DeepSpeed's csv monitor."""
+
+    tensorboard: Monitor = Field(default_factory=Monitor)
+    """DeepSpeed's tensorboard monitor (needs the tensorboard package)."""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> DeepSpeedSettings:
+        """Every cross-field rule, reported together."""
+        problems = []
+        zero = self.zero_optimization
+        if self.precision != "fp16" and self.fp16.model_fields_set:
+            keys = ", ".join(sorted(self.fp16.model_fields_set))
+            problems.append(
+                f"fp16 loss scaling ({keys}) is set but precision is {self.precision}: "
+                "loss scaling applies only to fp16; drop it or use --fp16"
+            )
+        for name in ("offload_optimizer", "offload_param"):
+            offload: Offload = getattr(zero, name)
+            if offload.device == "nvme" and not offload.nvme_path:
+                problems.append(
+                    f"zero_optimization.{name}.device is nvme but nvme_path is not set: "
+                    "give the directory of a local NVMe drive"
+                )
+        if zero.offload_param.device != "none" and zero.stage != 3:
+            problems.append(
+                f"zero_optimization.offload_param needs stage 3 (stage is {zero.stage}); "
+                "DeepSpeed would silently ignore it: use --zero 3 or drop the param offload"
+            )
+        if zero.offload_optimizer.device != "none" and zero.stage == 0:
+            problems.append(
+                "zero_optimization.offload_optimizer needs stage 1, 2 or 3 (stage is 0)"
+            )
+        if zero.offload_optimizer.device == "nvme" and zero.stage != 3:
+            problems.append(
+                f"NVMe optimizer offload needs stage 3 (stage is {zero.stage}); use cpu offload "
+                "or --zero 3"
+            )
+        stage3_set = {k for k in zero.model_fields_set if k.startswith("stage3_")}
+        if zero.stage != 3 and stage3_set:
+            problems.append(
+                f"{', '.join(sorted(stage3_set))} only apply to stage 3 (stage is {zero.stage})"
+            )
+        batch = self.batch
+        per_rank = batch.train_micro_batch_size_per_gpu * batch.gradient_accumulation_steps
+        if batch.train_batch_size is not None and batch.train_batch_size % per_rank:
+            problems.append(
+                f"train_batch_size ({batch.train_batch_size}) is not a multiple of "
+                f"micro batch ({batch.train_micro_batch_size_per_gpu}) x gradient accumulation "
+                f"({batch.gradient_accumulation_steps}) = {per_rank}, so no world size fits"
+            )
+        sched = self.scheduler
+        if sched.type in ("WarmupDecayLR", "WarmupCosineLR"):
+            if sched.total_num_steps is None:
+                problems.append(f"scheduler {sched.type} needs total_num_steps")
+            elif sched.warmup_num_steps > sched.total_num_steps:
+                problems.append(
+                    f"scheduler warmup_num_steps ({sched.warmup_num_steps}) exceeds "
+                    f"total_num_steps ({sched.total_num_steps})"
+                )
+        if any(not 0.0 <= beta < 1.0 for beta in self.optimizer.betas):
+            problems.append(f"optimizer betas {self.optimizer.betas} must each be in [0, 1)")
+        ac = self.activation_checkpointing
+        if (ac.cpu_checkpointing or ac.contiguous_memory_optimization) and not (
+            ac.partition_activations
+        ):
+            problems.append(
+                "activation_checkpointing cpu_checkpointing and contiguous_memory_optimization "
+                "need partition_activations"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def settings_error_message(exc: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one line per problem, naming each field by its path."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        for part in message.splitlines():
+            lines.append(f"{where}: {part}" if where else part)
+    return f"invalid settings in {source}:\n  " + "\n  ".join(lines)
+
+
+def read_settings_file(path: str | Path) -> dict:
+    """Read a settings file (JSON, or TOML on Python 3.11+) into a plain dict."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DstrainError(f"settings file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DstrainError(f"cannot read settings file {path}: {exc}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DstrainError(f"settings file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DstrainError(f"settings file {path} must hold an object at the top level")
+    return data
+
+
+def make_deepspeed_settings(data: dict, source: str = "settings") -> DeepSpeedSettings:
+    """Validate a dict into `DeepSpeedSettings`, or raise one `DstrainError` listing every
+    problem with its field path."""
+    try:
+        return DeepSpeedSettings.model_validate(data)
+    except ValidationError as exc:
+        raise DstrainError(settings_error_message(exc, source)) from None
+
+
+def apply_overrides(data: dict, overrides: dict[str, object]) -> dict:
+    """Return a copy of settings `data` with dotted-path `overrides` set (None = not given)."""
+    merged = json.loads(json.dumps(data))
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return merged
