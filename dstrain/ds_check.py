@@ -111,24 +111,47 @@ def _duplicate_problems(node: Any, source: str, path: str = "") -> list[Problem]
 def parse_ds_json(data: bytes, source: str) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Decode and parse config bytes. Returns the dict (None if unusable) and problems."""
     if b"\x00" in data[:8192]:
-        return None, [Problem(source, "", "this is a binary file, not JSON text",
-                              "pass the path of a DeepSpeed JSON config")]
+        return None, [
+            Problem(
+                source,
+                "",
+                "this is a binary file, not JSON text",
+                "pass the path of a DeepSpeed JSON config",
+            )
+        ]
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        return None, [Problem(source, "", f"not UTF-8 text (byte {exc.start} is invalid)",
-                              "save the file as UTF-8 JSON")]
+        return None, [
+            Problem(
+                source,
+                "",
+                f"not UTF-8 text (byte {exc.start} is invalid)",
+                "save the file as UTF-8 JSON",
+            )
+        ]
     if not text.strip():
         return None, [Problem(source, "", "the file is empty", "write a JSON object ({...})")]
     try:
         config = json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as exc:
-        return None, [Problem(source, "", f"malformed JSON at line {exc.lineno}, column "
-                              f"{exc.colno}: {exc.msg}",
-                              "fix the syntax there (JSON allows no comments or trailing commas)")]
+        return None, [
+            Problem(
+                source,
+                "",
+                f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                "fix the syntax there (JSON allows no comments or trailing commas)",
+            )
+        ]
     if not isinstance(config, dict):
-        return None, [Problem(source, "", f"the top level is a JSON {type(config).__name__}, "
-                              "not an object", "wrap the settings in {...}")]
+        return None, [
+            Problem(
+                source,
+                "",
+                f"the top level is a JSON {type(config).__name__}, not an object",
+                "wrap the settings in {...}",
+            )
+        ]
     return config, _duplicate_problems(config, source)
 
 
@@ -202,10 +225,12 @@ class _Checker:
                 if key in known:
                     continue
                 if block_path in ("bf16", "bfloat16") and key in LOSS_SCALE_KEYS:
-                    self.add(_join(block_path, key),
-                             "fp16 loss-scaling key under bf16: bf16 has fp32's range and "
-                             "DeepSpeed does no loss scaling for it",
-                             f"remove `{key}` (or switch to fp16 and move it under `fp16`)")
+                    self.add(
+                        _join(block_path, key),
+                        "fp16 loss-scaling key under bf16: bf16 has fp32's range and "
+                        "DeepSpeed does no loss scaling for it",
+                        f"remove `{key}` (or switch to fp16 and move it under `fp16`)",
+                    )
                     continue
                 self.add(_join(block_path, key), f"unknown key `{key}`", _suggest(key, known))
         self._unknown_params("optimizer", schema["optimizer_params"])
@@ -223,11 +248,17 @@ class _Checker:
             return
         for key in node["params"]:
             if key == "max_grad_norm" and block == "optimizer":
-                self.add(f"{block}.params.{key}", "DeepSpeed refuses max_grad_norm here",
-                         "use the top-level `gradient_clipping` instead")
+                self.add(
+                    f"{block}.params.{key}",
+                    "DeepSpeed refuses max_grad_norm here",
+                    "use the top-level `gradient_clipping` instead",
+                )
             elif key not in known:
-                self.add(f"{block}.params.{key}", f"{kind} takes no parameter `{key}`",
-                         _suggest(key, known))
+                self.add(
+                    f"{block}.params.{key}",
+                    f"{kind} takes no parameter `{key}`",
+                    _suggest(key, known),
+                )
 
     def _get(self, dotted: str) -> Any:
         node: Any = self.config
@@ -250,15 +281,19 @@ class _Checker:
         elif isinstance(node, str) and node.strip().lower() == "auto":
             leaf = path.rsplit(".", 1)[-1]
             if path in ("fp16.enabled", "bf16.enabled"):
-                why = ("DeepSpeed drops it silently and trains in fp32; only HF Trainer and "
-                       "accelerate fill `auto` in")
+                why = (
+                    "DeepSpeed drops it silently and trains in fp32; only HF Trainer and "
+                    "accelerate fill `auto` in"
+                )
                 fix = "write true or false"
             elif leaf in BATCH_KEYS:
                 why = "DeepSpeed fails on it with a TypeError at start-up"
                 fix = "write a whole number (or leave the key out to have DeepSpeed derive it)"
             else:
-                why = ("only HF Trainer and accelerate fill `auto` in; plain DeepSpeed drops "
-                       "or rejects it")
+                why = (
+                    "only HF Trainer and accelerate fill `auto` in; plain DeepSpeed drops "
+                    "or rejects it"
+                )
                 fix = "write the value (or pass --allow-auto if an HF Trainer fills it in)"
             self.add(path, f'leftover "auto": {why}', fix)
 
@@ -272,23 +307,35 @@ class _Checker:
                 if not isinstance(value, bool) and not (
                     isinstance(value, str) and value.lower() == "auto"
                 ):
-                    self.add(f"{name}.enabled", f"must be true or false, not {value!r}",
-                             "write true or false without quotes")
+                    self.add(
+                        f"{name}.enabled",
+                        f"must be true or false, not {value!r}",
+                        "write true or false without quotes",
+                    )
             elif block is not None and not isinstance(block, dict):
-                self.add(name, f"must be an object, not {block!r}", f'write {{"enabled": true}}')
+                self.add(name, f"must be an object, not {block!r}", 'write {"enabled": true}')
         if _enabled(fp16) and _enabled(bf16):
-            self.add("bf16.enabled", "fp16 and bf16 are both enabled",
-                     "enable one: bf16 on Ampere or newer GPUs, fp16 on older ones")
+            self.add(
+                "bf16.enabled",
+                "fp16 and bf16 are both enabled",
+                "enable one: bf16 on Ampere or newer GPUs, fp16 on older ones",
+            )
         if not isinstance(fp16, dict):
             return
         scale = fp16.get("loss_scale", 0)
         if "loss_scale" in fp16 and (not _is_number(scale) or scale < 0):
-            self.add("fp16.loss_scale", f"must be a number >= 0, not {scale!r}",
-                     "0 for dynamic scaling, or a fixed power of two")
+            self.add(
+                "fp16.loss_scale",
+                f"must be a number >= 0, not {scale!r}",
+                "0 for dynamic scaling, or a fixed power of two",
+            )
         window = fp16.get("loss_scale_window")
         if window is not None and (not _is_int(window) or window < 1):
-            self.add("fp16.loss_scale_window", f"must be a whole number >= 1, not {window!r}",
-                     "the usual value is 1000")
+            self.add(
+                "fp16.loss_scale_window",
+                f"must be a whole number >= 1, not {window!r}",
+                "the usual value is 1000",
+            )
         for key, low in (("initial_scale_power", 0), ("hysteresis", 1)):
             value = fp16.get(key)
             if value is not None and (not _is_int(value) or value < low):
@@ -296,23 +343,32 @@ class _Checker:
         min_scale = fp16.get("min_loss_scale")
         dynamic = _is_number(scale) and scale == 0
         if min_scale is not None and dynamic and (not _is_number(min_scale) or min_scale <= 0):
-            self.add("fp16.min_loss_scale",
-                     f"must be > 0 with dynamic loss scaling, not {min_scale!r}",
-                     "1 is the usual floor")
+            self.add(
+                "fp16.min_loss_scale",
+                f"must be > 0 with dynamic loss scaling, not {min_scale!r}",
+                "1 is the usual floor",
+            )
 
     def clipping_rule(self) -> None:
         clip = self.config.get("gradient_clipping")
         if clip is not None and (not _is_number(clip) or clip < 0):
-            self.add("gradient_clipping", f"must be a number >= 0, not {clip!r}",
-                     "1.0 is common; 0 disables clipping")
+            self.add(
+                "gradient_clipping",
+                f"must be a number >= 0, not {clip!r}",
+                "1.0 is common; 0 disables clipping",
+            )
 
     def zero_rules(self) -> None:
         zero = self.config.get("zero_optimization")
         if zero is None:
             return
         if isinstance(zero, bool):
-            self.add("zero_optimization", "the boolean form is deprecated",
-                     'write {"stage": N}', severity="warning")
+            self.add(
+                "zero_optimization",
+                "the boolean form is deprecated",
+                'write {"stage": N}',
+                severity="warning",
+            )
             return
         if not isinstance(zero, dict):
             self.add("zero_optimization", f"must be an object, not {zero!r}")
@@ -337,41 +393,65 @@ class _Checker:
             if device == "none":
                 continue
             if name == "offload_param" and stage != 3:
-                self.add(f"{path}.device",
-                         f"offload_param needs ZeRO stage 3 but stage is {stage}; DeepSpeed "
-                         "ignores it silently and keeps parameters on the GPU",
-                         'set "stage": 3 or remove offload_param')
+                self.add(
+                    f"{path}.device",
+                    f"offload_param needs ZeRO stage 3 but stage is {stage}; DeepSpeed "
+                    "ignores it silently and keeps parameters on the GPU",
+                    'set "stage": 3 or remove offload_param',
+                )
             if name == "offload_optimizer" and stage == 0:
-                self.add(f"{path}.device", "offload_optimizer needs ZeRO stage 1, 2 or 3",
-                         'set "stage": 2 (or 3)')
+                self.add(
+                    f"{path}.device",
+                    "offload_optimizer needs ZeRO stage 1, 2 or 3",
+                    'set "stage": 2 (or 3)',
+                )
             if device == "nvme":
                 if not block.get("nvme_path"):
-                    self.add(f"{path}.nvme_path",
-                             "device is nvme but nvme_path is not set; DeepSpeed accepts this "
-                             "and fails later",
-                             "set nvme_path to a directory on a local NVMe drive")
+                    self.add(
+                        f"{path}.nvme_path",
+                        "device is nvme but nvme_path is not set; DeepSpeed accepts this "
+                        "and fails later",
+                        "set nvme_path to a directory on a local NVMe drive",
+                    )
                 if stage != 3:
-                    self.add(f"{path}.device", f"NVMe offload needs ZeRO stage 3 (stage is {stage})",
-                             'set "stage": 3 or offload to "cpu"')
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                    "stage3_max_live_parameters", "sub_group_size"):
+                    self.add(
+                        f"{path}.device",
+                        f"NVMe offload needs ZeRO stage 3 (stage is {stage})",
+                        'set "stage": 3 or offload to "cpu"',
+                    )
+        for key in (
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters",
+            "sub_group_size",
+        ):
             value = zero.get(key)
-            if value is not None and not (isinstance(value, str) and value.lower() == "auto") and (
-                not _is_int(value) or value < 0
+            if (
+                value is not None
+                and not (isinstance(value, str) and value.lower() == "auto")
+                and (not _is_int(value) or value < 0)
             ):
-                self.add(f"zero_optimization.{key}",
-                         f"must be a whole number of elements, not {value!r}")
+                self.add(
+                    f"zero_optimization.{key}", f"must be a whole number of elements, not {value!r}"
+                )
         if stage != 3:
             stage3 = sorted(k for k in zero if k.startswith("stage3_"))
             if stage3:
-                self.add("zero_optimization." + stage3[0],
-                         f"{', '.join(stage3)} only apply to stage 3; DeepSpeed ignores them "
-                         f"at stage {stage}", "remove them or use stage 3", severity="warning")
+                self.add(
+                    "zero_optimization." + stage3[0],
+                    f"{', '.join(stage3)} only apply to stage 3; DeepSpeed ignores them "
+                    f"at stage {stage}",
+                    "remove them or use stage 3",
+                    severity="warning",
+                )
 
     def optimizer_rules(self) -> None:
         schema = load_schema()
-        for block, known in (("optimizer", schema["optimizer_types"]),
-                             ("scheduler", schema["scheduler_types"])):
+        for block, known in (
+            ("optimizer", schema["optimizer_types"]),
+            ("scheduler", schema["scheduler_types"]),
+        ):
             node = self.config.get(block)
             if node is None:
                 continue
@@ -380,14 +460,20 @@ class _Checker:
                 continue
             kind = node.get("type")
             if not isinstance(kind, str):
-                self.add(f"{block}.type", f"missing or not a name: {kind!r}",
-                         f"one of {', '.join(known)}")
+                self.add(
+                    f"{block}.type",
+                    f"missing or not a name: {kind!r}",
+                    f"one of {', '.join(known)}",
+                )
                 continue
             names = known if block == "scheduler" else [k.lower() for k in known]
             if (kind if block == "scheduler" else kind.lower()) not in names:
-                self.add(f"{block}.type",
-                         f"`{kind}` is not a DeepSpeed {block}; DeepSpeed will look for it in "
-                         "torch", _suggest(kind, known), severity="warning")
+                self.add(
+                    f"{block}.type",
+                    f"`{kind}` is not a DeepSpeed {block}; DeepSpeed will look for it in torch",
+                    _suggest(kind, known),
+                    severity="warning",
+                )
         params = self._get("optimizer.params")
         if isinstance(params, dict):
             lr = params.get("lr")
@@ -395,18 +481,24 @@ class _Checker:
                 self.add("optimizer.params.lr", f"must be > 0, not {lr!r}")
             betas = params.get("betas")
             if betas is not None and not (
-                isinstance(betas, list) and len(betas) == 2
+                isinstance(betas, list)
+                and len(betas) == 2
                 and all(_is_number(b) and 0 <= b < 1 for b in betas)
             ):
-                self.add("optimizer.params.betas", f"must be two numbers in [0, 1), not {betas!r}",
-                         "[0.9, 0.999] is the usual choice")
+                self.add(
+                    "optimizer.params.betas",
+                    f"must be two numbers in [0, 1), not {betas!r}",
+                    "[0.9, 0.999] is the usual choice",
+                )
         sched = self._get("scheduler.params")
         if isinstance(sched, dict):
             warmup, total = sched.get("warmup_num_steps"), sched.get("total_num_steps")
             if _is_number(warmup) and _is_number(total) and warmup > total:
-                self.add("scheduler.params.warmup_num_steps",
-                         f"warm-up ({warmup} steps) is longer than the schedule ({total} steps)",
-                         "shorten the warm-up or lengthen total_num_steps")
+                self.add(
+                    "scheduler.params.warmup_num_steps",
+                    f"warm-up ({warmup} steps) is longer than the schedule ({total} steps)",
+                    "shorten the warm-up or lengthen total_num_steps",
+                )
 
     def activation_checkpointing_rules(self) -> None:
         ac = self.config.get("activation_checkpointing")
@@ -414,9 +506,12 @@ class _Checker:
             return
         for key in ("cpu_checkpointing", "contiguous_memory_optimization"):
             if ac.get(key) is True and ac.get("partition_activations") is not True:
-                self.add(f"activation_checkpointing.{key}",
-                         f"{key} has no effect without partition_activations",
-                         "set partition_activations to true or drop it", severity="warning")
+                self.add(
+                    f"activation_checkpointing.{key}",
+                    f"{key} has no effect without partition_activations",
+                    "set partition_activations to true or drop it",
+                    severity="warning",
+                )
 
     # d. batch arithmetic ----------------------------------------------------------------
 
@@ -457,25 +552,31 @@ def check_batch_arithmetic(
     world = world_size if world_size is not None else None
     ws_text = f"world size ({world})" if world is not None else "world size"
     if tbs is None and micro is None:
-        return ("train_micro_batch_size_per_gpu",
-                "neither train_batch_size nor train_micro_batch_size_per_gpu is set",
-                "set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)")
+        return (
+            "train_micro_batch_size_per_gpu",
+            "neither train_batch_size nor train_micro_batch_size_per_gpu is set",
+            "set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)",
+        )
     if tbs is None:
         return None
     if micro is not None and gas is not None:
         per_rank = micro * gas
         if world is not None and tbs != per_rank * world:
-            return ("train_batch_size",
-                    f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({micro}) x "
-                    f"gradient_accumulation_steps ({gas}) x {ws_text} = {per_rank * world}",
-                    f"set train_batch_size to {per_rank * world}, or drop it and let DeepSpeed "
-                    "derive it")
+            return (
+                "train_batch_size",
+                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({micro}) x "
+                f"gradient_accumulation_steps ({gas}) x {ws_text} = {per_rank * world}",
+                f"set train_batch_size to {per_rank * world}, or drop it and let DeepSpeed "
+                "derive it",
+            )
         if world is None and tbs % per_rank:
-            return ("train_batch_size",
-                    f"train_batch_size ({tbs}) is not a multiple of train_micro_batch_size_per_gpu "
-                    f"({micro}) x gradient_accumulation_steps ({gas}) = {per_rank}, so no world "
-                    "size fits",
-                    "drop train_batch_size (DeepSpeed derives it) or fix the numbers")
+            return (
+                "train_batch_size",
+                f"train_batch_size ({tbs}) is not a multiple of train_micro_batch_size_per_gpu "
+                f"({micro}) x gradient_accumulation_steps ({gas}) = {per_rank}, so no world "
+                "size fits",
+                "drop train_batch_size (DeepSpeed derives it) or fix the numbers",
+            )
         return None
     if world is None:
         return None
@@ -486,10 +587,15 @@ def check_batch_arithmetic(
         if known is None:
             equation = f"train_batch_size ({tbs}) is not divisible by {ws_text}"
         else:
-            equation = (f"train_batch_size ({tbs}) is not divisible by {name} ({known}) x "
-                        f"{ws_text} = {divisor}")
-        return ("train_batch_size", f"{equation}; DeepSpeed would drop the remainder",
-                f"use a multiple of {divisor}")
+            equation = (
+                f"train_batch_size ({tbs}) is not divisible by {name} ({known}) x "
+                f"{ws_text} = {divisor}"
+            )
+        return (
+            "train_batch_size",
+            f"{equation}; DeepSpeed would drop the remainder",
+            f"use a multiple of {divisor}",
+        )
     return None
 
 
@@ -541,8 +647,11 @@ def _quiet_fds():
 
 def _strip_auto(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: _strip_auto(v) for k, v in node.items()
-                if not (isinstance(v, str) and v.lower() == "auto")}
+        return {
+            k: _strip_auto(v)
+            for k, v in node.items()
+            if not (isinstance(v, str) and v.lower() == "auto")
+        }
     if isinstance(node, list):
         return [_strip_auto(v) for v in node]
     return node
@@ -572,6 +681,18 @@ def deepspeed_parser_problems(config: dict[str, Any], source: str) -> list[Probl
     return []
 
 
+# DeepSpeed's pydantic config models and the JSON block each one parses.
+_MODEL_BLOCKS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+    "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+    "DeepSpeedFP16Config": "fp16",
+    "DeepSpeedBF16Config": "bf16",
+    "CommsLoggerConfig": "comms_logger",
+    "DeepSpeedMonitorConfig": "",
+}
+
+
 def _translate_deepspeed_error(exc: Exception, source: str) -> list[Problem]:
     errors = getattr(exc, "errors", None)
     if callable(errors):  # a pydantic ValidationError from one of DeepSpeed's config models
@@ -579,14 +700,22 @@ def _translate_deepspeed_error(exc: Exception, source: str) -> list[Problem]:
             items = errors(include_url=False)
         except TypeError:
             items = errors()
+        block = _MODEL_BLOCKS.get(getattr(exc, "title", ""), "")
         return [
-            Problem(source, ".".join(str(p) for p in item["loc"]),
-                    f"DeepSpeed: {item['msg']}", origin="deepspeed")
+            Problem(
+                source,
+                ".".join([block, *map(str, item["loc"])] if block else map(str, item["loc"])),
+                f"DeepSpeed: {item['msg']}",
+                origin="deepspeed",
+            )
             for item in items
         ]
     message = str(exc).strip() or type(exc).__name__
-    return [Problem(source, "", f"DeepSpeed's parser: {type(exc).__name__}: {message}",
-                    origin="deepspeed")]
+    return [
+        Problem(
+            source, "", f"DeepSpeed's parser: {type(exc).__name__}: {message}", origin="deepspeed"
+        )
+    ]
 
 
 def validate_file(

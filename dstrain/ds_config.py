@@ -117,7 +117,8 @@ def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
             "weight_decay": opt.weight_decay,
             # Optimizer offload runs DeepSpeed's CPU Adam (a C++ op, much faster on host
             # RAM than torch's): torch_adam would override it.
-            "torch_adam": opt.torch_adam and settings.zero_optimization.offload_optimizer.device == "none",
+            "torch_adam": opt.torch_adam
+            and settings.zero_optimization.offload_optimizer.device == "none",
         },
     }
     scheduler = _scheduler_block(settings)

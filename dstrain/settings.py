@@ -385,7 +385,9 @@ def read_settings_file(path: str | Path) -> dict:
             return tomllib.loads(text)
         data = json.loads(text)
     except ValueError as exc:
-        raise DstrainError(f"settings file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from None
+        raise DstrainError(
+            f"settings file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise DstrainError(f"settings file {path} must hold an object at the top level")
     return data

@@ -31,8 +31,10 @@ def main() -> int:
             write_text_atomic(path, text)
             print(f"wrote {path}")
     if args.check and stale:
-        print("stale presets: " + ", ".join(stale) + "; run python scripts/gen_ds_configs.py",
-              file=sys.stderr)
+        print(
+            "stale presets: " + ", ".join(stale) + "; run python scripts/gen_ds_configs.py",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -73,7 +73,7 @@ def build_schema() -> dict:
     import deepspeed
     import torch
     from deepspeed.comm.config import CommsLoggerConfig
-    from deepspeed.monitor.config import CSVConfig, CometConfig, TensorBoardConfig, WandbConfig
+    from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
     from deepspeed.ops.adam import FusedAdam
     from deepspeed.runtime import lr_schedules
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig

@@ -1,0 +1,150 @@
+"""Settings: defaults, field docs, cross-field rules, and the JSON they become."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dstrain.ds_config import build_ds_config, render_ds_config
+from dstrain.errors import DstrainError
+from dstrain.settings import (
+    DataSettings,
+    DeepSpeedSettings,
+    apply_overrides,
+    make_deepspeed_settings,
+)
+
+
+def _all_fields(model):
+    for name, field in model.model_fields.items():
+        yield model, name, field
+        annotation = field.annotation
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            yield from _all_fields(annotation)
+
+
+@pytest.mark.parametrize("model", [DeepSpeedSettings, DataSettings])
+def test_every_field_has_a_docstring(model):
+    missing = [f"{m.__name__}.{n}" for m, n, f in _all_fields(model) if not f.description]
+    assert missing == []
+
+
+def test_unknown_setting_is_refused_with_its_path():
+    with pytest.raises(DstrainError) as err:
+        make_deepspeed_settings({"zero_optimization": {"stgae": 2}}, "s.json")
+    assert "zero_optimization.stgae: unknown setting" in str(err.value)
+
+
+def test_all_cross_field_problems_are_reported_together():
+    data = {
+        "precision": "bf16",
+        "fp16": {"hysteresis": 4},
+        "zero_optimization": {"stage": 2, "offload_param": {"device": "nvme"}},
+        "batch": {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 2,
+            "train_batch_size": 12,
+        },
+        "scheduler": {"type": "WarmupDecayLR"},
+    }
+    with pytest.raises(DstrainError) as err:
+        make_deepspeed_settings(data, "s.json")
+    text = str(err.value)
+    assert "loss scaling applies only to fp16" in text
+    assert "nvme_path is not set" in text
+    assert "offload_param needs stage 3 (stage is 2)" in text
+    assert "train_batch_size (12) is not a multiple" in text and "= 8" in text
+    assert "WarmupDecayLR needs total_num_steps" in text
+
+
+def test_default_config_leaves_global_batch_to_deepspeed():
+    config = build_ds_config(DeepSpeedSettings())
+    assert "train_batch_size" not in config
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert config["zero_optimization"]["stage"] == 2
+
+
+def test_pinned_global_batch_is_written_first():
+    settings = make_deepspeed_settings(
+        {
+            "batch": {
+                "train_batch_size": 64,
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": 2,
+            }
+        }
+    )
+    assert next(iter(build_ds_config(settings))) == "train_batch_size"
+
+
+def test_fp16_block_carries_every_loss_scaling_knob():
+    settings = make_deepspeed_settings(
+        {
+            "precision": "fp16",
+            "fp16": {
+                "loss_scale_window": 500,
+                "initial_scale_power": 12,
+                "hysteresis": 3,
+                "consecutive_hysteresis": True,
+                "min_loss_scale": 0.5,
+            },
+        }
+    )
+    fp16 = build_ds_config(settings)["fp16"]
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0.0,
+        "initial_scale_power": 12,
+        "loss_scale_window": 500,
+        "hysteresis": 3,
+        "consecutive_hysteresis": True,
+        "min_loss_scale": 0.5,
+    }
+
+
+def test_offload_uses_deepspeed_cpu_adam():
+    settings = make_deepspeed_settings(
+        {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    )
+    config = build_ds_config(settings)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert config["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_stage3_knobs_only_at_stage3():
+    s3 = build_ds_config(make_deepspeed_settings({"zero_optimization": {"stage": 3}}))
+    s2 = build_ds_config(make_deepspeed_settings({"zero_optimization": {"stage": 2}}))
+    assert s3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert not any(k.startswith("stage3_") for k in s2["zero_optimization"])
+    with pytest.raises(DstrainError, match="only apply to stage 3"):
+        make_deepspeed_settings(
+            {"zero_optimization": {"stage": 1, "stage3_max_live_parameters": 10}}
+        )
+
+
+def test_cosine_schedule_params():
+    settings = make_deepspeed_settings(
+        {"scheduler": {"type": "WarmupCosineLR", "total_num_steps": 1000, "warmup_num_steps": 50}}
+    )
+    sched = build_ds_config(settings)["scheduler"]
+    assert sched["type"] == "WarmupCosineLR"
+    assert sched["params"]["total_num_steps"] == 1000
+    assert "warmup_max_lr" not in sched["params"]
+
+
+def test_rendering_is_stable():
+    text = render_ds_config(build_ds_config(DeepSpeedSettings()))
+    assert text.endswith("}\n") and text.startswith('{\n  "')
+    assert text == render_ds_config(json.loads(text))
+
+
+def test_apply_overrides_keeps_base_and_skips_unset():
+    base = {"zero_optimization": {"stage": 3}, "precision": "fp16"}
+    merged = apply_overrides(base, {"zero_optimization.reduce_bucket_size": 10, "precision": None})
+    assert merged == {
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 10},
+        "precision": "fp16",
+    }
+    assert base == {"zero_optimization": {"stage": 3}, "precision": "fp16"}
