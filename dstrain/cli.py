@@ -242,7 +242,9 @@ def validate(paths: tuple[str, ...], world_size: int | None, hostfile: str | Non
     help="Allow full unpickling of CHECKPOINT, which can run code hidden in the file. "
     "Official GenSLM .pt files need it; use only for files from a source you trust.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an existing model directory.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUTPUT if it is an existing model directory."
+)
 def convert_checkpoint_command(
     checkpoint: str, model_name: str, out_dir: str, trust_checkpoint: bool, overwrite: bool
 ) -> None:

@@ -1,0 +1,515 @@
+"""GenSLM models as transformers GPT-NeoX: build, load official checkpoints, convert.
+
+Heavy layer (L1): torch and transformers. The shapes come from `dstrain.architectures`.
+
+- `build_model("genslm_25M")` builds a `GPTNeoXForCausalLM` in fp32 on the CPU (or on the
+  meta device for counting or for sizes that do not fit), with randomly initialised weights.
+- `load_init_checkpoint(model, path)` loads an official GenSLM `.pt` checkpoint or an HF
+  model directory into it, strictly: every tensor present, nothing extra, same shapes.
+- `convert_checkpoint(src, "genslm_25M", out_dir)` writes an HF model directory
+  (safetensors + config.json + the codon tokenizer) that
+  `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+
+Upstream checkpoints are PyTorch Lightning files, `{"state_dict": {...}, "hyper_parameters":
+{...}, ...}`, whose keys carry the Lightning module's `model.` prefix
+(`model.gpt_neox.layers.0.attention.query_key_value.weight`) and which were written by
+transformers 4.2x: the LM head is `embed_out` (transformers 5 calls it `lm_head`), and the
+causal-mask buffers `attention.bias` / `attention.masked_bias` and the rotary
+`rotary_emb.inv_freq` were saved with the weights (transformers 5 rebuilds them).
+Their hyper-parameters hold Python objects such as `pathlib.PosixPath`, so
+`torch.load(weights_only=True)` refuses them and loading needs full unpickling, which can
+run arbitrary code: dstrain does that only when told the file is trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from dstrain.architectures import (
+    ARCHITECTURES,
+    GenSLMArchitecture,
+    architecture_from_hf_config,
+    names_with_shape,
+    resolve_architecture,
+)
+from dstrain.codons import CLS_ID, PAD_ID, SEP_ID
+from dstrain.errors import DstrainError
+
+try:  # transformers 5 validates configs with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _ConfigError
+except ImportError:  # older huggingface_hub: transformers raises ValueError
+    _ConfigError = ValueError
+
+UPSTREAM_PREFIXES = ("module.", "_forward_module.", "model.")
+"""Wrapper prefixes stripped from checkpoint keys: DeepSpeed's, Lightning's and GenSLM's
+Lightning module (`self.model`)."""
+
+UPSTREAM_DROPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+"""Buffers old transformers saved with the weights; transformers 5 recomputes them."""
+
+_SHOWN = 8  # tensors listed per kind in a mismatch report
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
+    """The transformers config for `arch`: GenSLM's settings, codon special ids, fp32.
+
+    No dropout (upstream's `*_dropout_prob` keys never reached GPT-NeoX). bos/eos/pad are
+    the codon vocabulary's [CLS]=1, [SEP]=2, [PAD]=3 (upstream wrote 0, its [UNK]).
+    """
+    try:
+        return GPTNeoXConfig(
+            architectures=["GPTNeoXForCausalLM"],
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_heads,
+            intermediate_size=arch.intermediate_size,
+            hidden_act=arch.hidden_act,
+            rotary_pct=arch.rotary_pct,
+            rotary_emb_base=arch.rotary_emb_base,
+            max_position_embeddings=arch.max_position_embeddings,
+            layer_norm_eps=arch.layer_norm_eps,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            bos_token_id=CLS_ID,
+            eos_token_id=SEP_ID,
+            pad_token_id=PAD_ID,
+            dtype="float32",
+        )
+    except (ValueError, _ConfigError) as exc:
+        message = (
+            f"cannot build {arch.name}: transformers {transformers.__version__} refuses its "
+            f"GPT-NeoX config ({' '.join(str(exc).split())})."
+        )
+        if arch.why_not_buildable:
+            buildable = ", ".join(n for n, a in ARCHITECTURES.items() if a.buildable)
+            message += (
+                f" In numbers: {arch.why_not_buildable}. It still works with `dstrain "
+                f"estimate`; to train, pick a buildable architecture: {buildable}."
+            )
+        else:
+            message += " Check the architecture's numbers."
+        raise DstrainError(message) from exc
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(
+    arch_or_name: GenSLMArchitecture | str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+) -> GPTNeoXForCausalLM:
+    """A randomly initialised GenSLM model in fp32 on `device` (`"meta"`: shapes only).
+
+    `arch_or_name` is an architecture, a registered name or a config.json path. Built with
+    the model class itself, not `from_config`, so the dtype is fp32 whatever the config
+    or torch's default say, and transformers never starts DeepSpeed's `zero.Init` behind
+    the caller's back (`from_config` does while an `HfDeepSpeedConfig` is alive). Seed
+    with `torch.manual_seed` first for reproducible weights.
+    """
+    arch = resolve_architecture(arch_or_name)
+    config = gpt_neox_config(arch)
+    with torch.device(device), _default_dtype(torch.float32):
+        model = GPTNeoXForCausalLM(config)
+    check_param_count(model, arch)
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters in `model`, shared ones once; ZeRO-3 partitioned ones at full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def check_param_count(model: torch.nn.Module, arch: GenSLMArchitecture) -> int:
+    """`count_params(model)`, after checking it equals `arch.num_params()`."""
+    built, expected = count_params(model), arch.num_params()
+    if built != expected:
+        raise DstrainError(
+            f"{arch.name}: transformers {transformers.__version__} built {built:,} parameters "
+            f"but the architecture has {expected:,} (difference {built - expected:+,}). This "
+            "transformers version lays out GPT-NeoX differently from the one dstrain was "
+            "tested with (5.23); install that version."
+        )
+    return built
+
+
+# --------------------------------------------------------------------------------------
+# Reading checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The useful line of torch's "Weights only load failed" message."""
+    text = str(exc)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it holds a {match.group(1)} object"
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return match.group(1).strip() if match else " ".join(text.split())[:200]
+
+
+def _torch_load(path: Path, *, trust_checkpoint: bool) -> object:
+    """`torch.load` on the CPU: tensors-only first, full unpickling only when trusted."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _weights_only_reason(exc)
+    except Exception as exc:  # torch raises many types for a file it cannot parse
+        raise DstrainError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}. Is it a PyTorch "
+            ".pt file, and was it copied completely?"
+        ) from exc
+    if not trust_checkpoint:
+        raise DstrainError(
+            f"checkpoint {path} is not tensors only ({reason}), so torch.load(weights_only=True) "
+            "refuses it. Loading it means unpickling, which can run arbitrary code hidden in "
+            "the file. Official GenSLM checkpoints are like this (Lightning saves its "
+            "hyper-parameters with them). If the file comes from a source you trust, pass "
+            "--trust-checkpoint (trust_checkpoint=True in Python); otherwise do not load it."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling a foreign file can raise anything
+        raise DstrainError(
+            f"cannot read checkpoint {path} even with --trust-checkpoint: "
+            f"{type(exc).__name__}: {exc}. Is it a PyTorch .pt file, copied completely?"
+        ) from exc
+
+
+def _find_tensors(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a Lightning / DeepSpeed / bare checkpoint object."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise DstrainError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or a "
+            'Lightning checkpoint ({"state_dict": ...}).'
+        )
+    for key in ("state_dict", "module", "model_state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, torch.nn.Module):
+            inner = inner.state_dict()
+        if isinstance(inner, Mapping):
+            obj = inner
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:10])) or "none"
+        raise DstrainError(
+            f"checkpoint {path} holds no model weights (no tensors; its keys: {keys}). Expected "
+            'a state dict or a Lightning checkpoint ({"state_dict": ...}).'
+        )
+    return tensors
+
+
+def normalize_state_dict_keys(
+    state: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Upstream / old-transformers keys -> transformers 5 GPT-NeoX keys.
+
+    Strips the `model.` (and DeepSpeed/Lightning wrapper) prefixes, drops the saved
+    buffers in `UPSTREAM_DROPPED_SUFFIXES`, renames `embed_out` to `lm_head`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = key
+        while name.startswith(UPSTREAM_PREFIXES):
+            name = name.split(".", 1)[1]
+        if any(name == s or name.endswith("." + s) for s in UPSTREAM_DROPPED_SUFFIXES):
+            continue
+        if name.startswith("embed_out."):
+            name = "lm_head." + name.removeprefix("embed_out.")
+        if name in out:
+            raise DstrainError(
+                f"{source} holds two tensors for {name} (one is {key!r}); it mixes two "
+                "models' weights. Export a single model's state dict."
+            )
+        out[name] = tensor
+    return out
+
+
+def read_upstream_state_dict(
+    path: str | os.PathLike[str], *, trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """The weights of an official GenSLM `.pt` file (or any GPT-NeoX state dict), with
+    transformers 5 key names. See the module docstring for the layout and the trust rule."""
+    path = Path(path)
+    if not path.exists():
+        raise DstrainError(f"checkpoint {path} does not exist. Check the path.")
+    if path.is_dir():
+        raise DstrainError(
+            f"checkpoint {path} is a directory; upstream checkpoints are single .pt files. "
+            "(An HF model directory is read by --init-checkpoint and convert-checkpoint.)"
+        )
+    obj = _torch_load(path, trust_checkpoint=trust_checkpoint)
+    return normalize_state_dict_keys(_find_tensors(obj, path), source=f"checkpoint {path}")
+
+
+def read_hf_state_dict(
+    model_dir: str | os.PathLike[str], *, trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """The weights of an HF model directory (`model.safetensors`, sharded safetensors, or
+    `pytorch_model.bin` under the same trust rule as `.pt` files), normalized keys."""
+    from safetensors.torch import load_file
+
+    def load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(file, device="cpu")
+        except Exception as exc:  # safetensors' own error types vary by version
+            raise DstrainError(f"cannot read weights file {file}: {exc}") from exc
+
+    model_dir = Path(model_dir)
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        state = load(single)
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DstrainError(f"cannot read shard index {index}: {exc!r}") from exc
+        state = {}
+        for shard in shards:
+            state.update(load(model_dir / shard))
+    elif (model_dir / "pytorch_model.bin").is_file():
+        obj = _torch_load(model_dir / "pytorch_model.bin", trust_checkpoint=trust_checkpoint)
+        state = _find_tensors(obj, model_dir / "pytorch_model.bin")
+    else:
+        raise DstrainError(
+            f"model directory {model_dir} has no weights (model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin)."
+        )
+    return normalize_state_dict_keys(state, source=f"model directory {model_dir}")
+
+
+# --------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------
+
+
+def architecture_of(model: GPTNeoXForCausalLM) -> GenSLMArchitecture:
+    """The architecture of a built model: the registered one it equals, else `model`."""
+    arch = architecture_from_hf_config(model.config.to_dict(), name="model")
+    for registered in ARCHITECTURES.values():
+        if not registered.differences(arch):
+            return registered
+    return arch
+
+
+def _checkpoint_shape(state: Mapping[str, torch.Tensor]) -> GenSLMArchitecture | None:
+    """What the weights' shapes say about the architecture (heads are not visible)."""
+    try:
+        vocab, hidden = state["gpt_neox.embed_in.weight"].shape
+        inter = state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape[0]
+    except (KeyError, ValueError):
+        return None
+    indices = [int(m.group(1)) for k in state if (m := re.match(r"gpt_neox\.layers\.(\d+)\.", k))]
+    layers = 1 + max(indices)
+    # Heads do not change any shape; 1 keeps the placeholder valid.
+    return GenSLMArchitecture("checkpoint", hidden, layers, 1, inter, vocab_size=vocab)
+
+
+def _listed(items: list[str]) -> str:
+    shown = "; ".join(items[:_SHOWN])
+    return shown + (f"; ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def load_state_dict_strictly(
+    model: GPTNeoXForCausalLM, state: Mapping[str, torch.Tensor], *, source: str
+) -> None:
+    """Copy `state` into `model` (cast to the model's dtypes), or explain every mismatch.
+
+    On a mismatch the DstrainError names each missing and unexpected tensor and each
+    shape difference (checkpoint vs model), and, when the checkpoint's shapes are those of
+    another registered architecture, the `--model` to use instead.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("load_state_dict_strictly needs a model on a real device, not meta")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} is {list(state[k].shape)} in the checkpoint but {list(t.shape)} in the model"
+        for k, t in expected.items()
+        if k in state and state[k].shape != t.shape
+    ]
+    if missing or unexpected or mismatched:
+        arch = architecture_of(model)
+        found = _checkpoint_shape(state)
+        others = [n for n in names_with_shape(found) if n != arch.name] if found else []
+        head = f"{source} does not fit {arch.name} ({arch.num_params():,} parameters)"
+        if others:
+            head += f": its shapes are those of {others[0]}, so pass --model {others[0]}"
+        elif found and found.shape_key() != arch.shape_key():
+            head += (
+                f": its shapes say hidden {found.hidden_size}, {found.num_layers} layers, "
+                f"intermediate {found.intermediate_size}, vocab {found.vocab_size}, which no "
+                "registered architecture has; pass --model a config.json with those numbers"
+            )
+        parts = [head]
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_listed(mismatched)}")
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {_listed(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {_listed(unexpected)}")
+        raise DstrainError(". ".join(parts) + ".")
+    model.load_state_dict(state, strict=True)  # copy_ casts (upstream fp16 -> fp32) per tensor
+
+
+def load_init_checkpoint(
+    model_or_arch: GPTNeoXForCausalLM | GenSLMArchitecture | str,
+    path: str | os.PathLike[str],
+    *,
+    trust_checkpoint: bool = False,
+) -> GPTNeoXForCausalLM:
+    """Load starting weights from an upstream `.pt` file or an HF model directory.
+
+    Given an architecture (or name) instead of a model, builds the model on the CPU after
+    the checkpoint has been read (so a bad file fails before a slow build). An HF
+    directory's config.json must describe the same architecture (positions aside).
+    Returns the model, fp32, with every weight replaced.
+    """
+    is_model = isinstance(model_or_arch, torch.nn.Module)
+    arch = architecture_of(model_or_arch) if is_model else resolve_architecture(model_or_arch)
+    path = Path(path)
+    if not path.exists():
+        raise DstrainError(f"initial checkpoint {path} does not exist. Check the path.")
+    if path.is_dir():
+        found = architecture_from_hf_config(path)
+        diffs = arch.differences(found)
+        if diffs:
+            same = [n for n, a in ARCHITECTURES.items() if not a.differences(found)]
+            hint = f" It is {same[0]}: pass --model {same[0]}." if same else ""
+            raise DstrainError(
+                f"model directory {path} holds a different architecture than {arch.name} "
+                f"(model vs directory): {'; '.join(diffs)}.{hint}"
+            )
+        state = read_hf_state_dict(path, trust_checkpoint=trust_checkpoint)
+        source = f"model directory {path}"
+    else:
+        state = read_upstream_state_dict(path, trust_checkpoint=trust_checkpoint)
+        source = f"checkpoint {path}"
+    model = model_or_arch if is_model else build_model(arch)
+    load_state_dict_strictly(model, state, source=source)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Converting to an HF model directory
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedCheckpoint:
+    """What `convert_checkpoint` wrote."""
+
+    out_dir: Path
+    architecture: GenSLMArchitecture
+    num_params: int
+    source: Path
+
+
+def _check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to write over a file, over a directory unless asked, or over a non-model one."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DstrainError(f"output {out_dir} exists and is not a directory; choose another -o.")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise DstrainError(
+            f"output directory {out_dir} already exists; pass --overwrite to replace it, or "
+            "choose another -o."
+        )
+    if not (out_dir / "config.json").is_file():
+        raise DstrainError(
+            f"output directory {out_dir} exists and is not a model directory (no config.json); "
+            "refusing to replace it even with --overwrite. Choose another -o."
+        )
+
+
+@contextlib.contextmanager
+def _atomic_output_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir`; on success it becomes `out_dir`.
+
+    A failure removes the temporary directory and leaves any existing `out_dir` as it was.
+    """
+    _check_output_dir(out_dir, overwrite=overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _check_output_dir(out_dir, overwrite=overwrite)  # again: time has passed
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.replace(old / out_dir.name)
+            try:
+                tmp.replace(out_dir)
+            except BaseException:
+                (old / out_dir.name).replace(out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    arch_name: str | GenSLMArchitecture,
+    out_dir: str | os.PathLike[str],
+    *,
+    trust_checkpoint: bool = False,
+    overwrite: bool = False,
+) -> ConvertedCheckpoint:
+    """Write `src` (upstream `.pt` or HF directory) as an HF model directory `out_dir`.
+
+    The directory holds `model.safetensors` (fp32), `config.json`,
+    `generation_config.json` and the codon tokenizer, and loads with
+    `AutoModelForCausalLM.from_pretrained(out_dir)` / `AutoTokenizer.from_pretrained`.
+    Written atomically: nothing half-written is ever left at `out_dir`, and an existing
+    directory is replaced only with `overwrite` (and only if it holds a config.json).
+    """
+    from dstrain.codons import build_hf_tokenizer
+
+    src, out_dir = Path(src), Path(out_dir)
+    arch = resolve_architecture(arch_name)
+    _check_output_dir(out_dir, overwrite=overwrite)  # fail before the slow part
+    model = load_init_checkpoint(arch, src, trust_checkpoint=trust_checkpoint)
+    with _atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        build_hf_tokenizer().save_pretrained(tmp)
+    return ConvertedCheckpoint(
+        out_dir=out_dir, architecture=arch, num_params=count_params(model), source=src
+    )
