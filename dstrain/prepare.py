@@ -1,0 +1,434 @@
+"""The token cache: FASTA files tokenized once, reused while inputs and settings match.
+
+Layout of a cache directory (1 byte per codon: the 69-token vocabulary fits in uint8):
+
+    manifest.json          format, sources (path, size, sha256), DataSettings, report, counts
+    train_tokens.bin       every train example's codon ids back to back (raw uint8)
+    train_offsets.npy      int64, num_examples + 1: example i is tokens[off[i]:off[i+1]]
+    val_tokens.bin, val_offsets.npy
+
+`prepare_dataset` reuses a cache whose manifest names the same format, vocabulary, input
+file hashes (in the same order) and token-shaping settings; `padding` and `loss_on_pad`
+act at batch time and do not invalidate it. Otherwise it rebuilds into a temporary sibling
+directory, writes `manifest.json` last, and renames the directory into place, so an
+interrupted prepare leaves either the old cache or none, never a half one that looks valid
+(it may leave a `.NAME.partial-*` directory next to it, safe to delete). Call it from one
+process (rank 0) and let the others wait, then `load_prepared`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from dstrain.codons import VOCAB, VOCAB_SIZE
+from dstrain.errors import DstrainError
+from dstrain.fasta import (
+    FileReport,
+    check_file_exists,
+    check_window_settings,
+    is_validation_record,
+    iter_codon_records,
+    window_bounds,
+)
+from dstrain.settings import DataSettings
+
+CACHE_FORMAT = "dstrain-codon-cache"
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+BATCH_TIME_FIELDS = frozenset({"padding", "loss_on_pad"})
+"""DataSettings fields used only when batching: changing them keeps the cache."""
+
+_VOCAB_SHA256 = hashlib.sha256("\n".join(VOCAB).encode()).hexdigest()
+_REPORT_TOTALS = tuple(f.name for f in dataclasses.fields(FileReport) if f.type == "int")
+"""FileReport counters summed into the report's top-level totals."""
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One split's examples: a flat memory-mapped uint8 token array and its offsets."""
+
+    tokens: np.ndarray
+    """All examples' codon ids back to back (uint8, memory-mapped, read-only)."""
+    offsets: np.ndarray
+    """int64, `len(self) + 1` entries: example i is `tokens[offsets[i]:offsets[i + 1]]`."""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Example `index` as a uint8 view (no copy)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} out of range for {len(self)} examples")
+        index %= len(self)
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        """Codon count of every example (int64)."""
+        return np.diff(self.offsets)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A loaded token cache: the splits, its manifest, and whether it was reused."""
+
+    cache_dir: Path
+    train: TokenSplit
+    val: TokenSplit
+    manifest: dict[str, Any]
+    reused: bool
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Totals, per-split counts and per-file reports (the `prepare --json` body)."""
+        return self.manifest["report"]
+
+    @property
+    def settings(self) -> DataSettings:
+        return DataSettings.model_validate(self.manifest["settings"])
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    fasta_paths: list[Path], cache_dir: Path, settings: DataSettings
+) -> PreparedData:
+    """Tokenize `fasta_paths` into `cache_dir`, or reuse the cache there if it matches.
+
+    Raises `DstrainError` for bad input files (see `dstrain.fasta`), for a `cache_dir`
+    that holds something other than a dstrain cache, and when no example lands in train.
+    """
+    if not fasta_paths:
+        raise DstrainError("no FASTA files given: name at least one nucleotide FASTA file.")
+    check_window_settings(settings)
+    paths = [Path(p) for p in fasta_paths]
+    for path in paths:
+        check_file_exists(path)
+    sources = [_describe_source(p) for p in paths]
+    cache_dir = Path(cache_dir)
+    key = _cache_key(sources, settings)
+
+    manifest = _read_own_manifest(cache_dir)
+    if manifest is not None and _cache_key_of(manifest) == key:
+        try:
+            return _load(cache_dir, manifest, reused=True)
+        except _DamagedCache:
+            pass  # rebuild below
+    return _build(paths, sources, cache_dir, settings)
+
+
+def load_prepared(cache_dir: Path) -> PreparedData:
+    """Open an existing cache (memory-mapped) without checking it against any input."""
+    cache_dir = Path(cache_dir)
+    manifest = _read_own_manifest(cache_dir)
+    if manifest is None:
+        raise DstrainError(
+            f"{cache_dir}: no dstrain token cache here (no {MANIFEST_NAME}). Build it first "
+            f"with `dstrain prepare FASTA... -o {cache_dir}`."
+        )
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        raise DstrainError(
+            f"{cache_dir}: token cache format version {manifest.get('format_version')} but "
+            f"this dstrain reads version {CACHE_FORMAT_VERSION}. Run `dstrain prepare` again "
+            f"to rebuild it."
+        )
+    try:
+        return _load(cache_dir, manifest, reused=True)
+    except _DamagedCache as exc:
+        raise DstrainError(
+            f"{cache_dir}: token cache is damaged ({exc}). Run `dstrain prepare` again to "
+            f"rebuild it."
+        ) from exc
+
+
+def data_settings_from_options(**options: Any) -> DataSettings:
+    """DataSettings from CLI options (None means default), errors named as flags."""
+    given = {name: value for name, value in options.items() if value is not None}
+    try:
+        return DataSettings(**given)
+    except ValidationError as exc:
+        problems = [
+            f"--{'.'.join(str(part) for part in err['loc']).replace('_', '-')} "
+            f"{given.get(str(err['loc'][0]), '')!r}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise DstrainError(
+            "invalid data options: " + "; ".join(problems) + ".", exit_code=2
+        ) from None
+
+
+def format_summary(prepared: PreparedData, elapsed_s: float | None = None) -> str:
+    """Human-readable summary of a prepare run (what `dstrain prepare` prints)."""
+    report = prepared.report
+    if prepared.reused:
+        head = f"reused cache {prepared.cache_dir} (inputs and settings unchanged)"
+    else:
+        took = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
+        head = f"built cache {prepared.cache_dir}{took}"
+    lines = [head]
+    for file_report in report["files"]:
+        lines.append(f"  {Path(file_report['path']).name}: {_counts_line(file_report)}")
+        lines.extend(
+            f"    skipped '{s['record_id']}': {s['reason']}" for s in file_report["skipped"][:5]
+        )
+        if file_report["skipped_records"] > 5:
+            lines.append(f"    ... and {file_report['skipped_records'] - 5} more (see --json)")
+    lines.append(f"  total: {_counts_line(report)}")
+    if report["ids_in_several_files"]:
+        lines.append(
+            f"  {len(report['ids_in_several_files'])} record ID(s) occur in several files "
+            f"(kept; same split): {', '.join(report['ids_in_several_files'][:3])}"
+        )
+    settings = prepared.manifest["settings"]
+    for split in SPLITS:
+        counts = report[split]
+        lines.append(
+            f"  {split}: {counts['records']:,} records -> {counts['sequences']:,} sequences, "
+            f"{counts['tokens']:,} codon tokens"
+        )
+    if report["val"]["sequences"] == 0 and settings["val_fraction"] > 0:
+        lines.append(
+            f"  note: no record hashed into validation (--val-fraction "
+            f"{settings['val_fraction']}); training will run without evaluation"
+        )
+    return "\n".join(lines)
+
+
+def report_json(prepared: PreparedData) -> str:
+    """The `prepare --json` document: cache dir, reused flag, totals, splits, per-file."""
+    body = {"cache_dir": str(prepared.cache_dir), "reused": prepared.reused, **prepared.report}
+    return json.dumps(body, indent=2) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def _build(
+    paths: list[Path], sources: list[dict], cache_dir: Path, settings: DataSettings
+) -> PreparedData:
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.partial-", dir=cache_dir.parent))
+    try:
+        report = _write_splits(paths, tmp_dir, settings)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "format_version": CACHE_FORMAT_VERSION,
+            "vocab_size": VOCAB_SIZE,
+            "vocab_sha256": _VOCAB_SHA256,
+            "token_dtype": "uint8",
+            "sources": sources,
+            "settings": settings.model_dump(mode="json"),
+            "report": report,
+        }
+        _write_file(tmp_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        _swap_into_place(tmp_dir, cache_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return _load(cache_dir, manifest, reused=False)
+
+
+def _write_splits(paths: list[Path], out_dir: Path, settings: DataSettings) -> dict[str, Any]:
+    """Write both splits' token and offset files; return the report."""
+    offsets = {split: [0] for split in SPLITS}
+    records = dict.fromkeys(SPLITS, 0)
+    file_reports: list[FileReport] = []
+    files_of_id: dict[str, set[str]] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {
+            split: stack.enter_context(open(out_dir / f"{split}_tokens.bin", "wb"))
+            for split in SPLITS
+        }
+        for path in paths:
+            report = FileReport(path=str(path.resolve()))
+            for record in iter_codon_records(path, settings, report):
+                files_of_id.setdefault(record.record_id, set()).add(report.path)
+                split = (
+                    "val"
+                    if is_validation_record(
+                        record.record_id, settings.val_fraction, settings.split_seed
+                    )
+                    else "train"
+                )
+                records[split] += 1
+                for start, end in window_bounds(
+                    len(record.ids), settings.max_length, settings.window_overlap
+                ):
+                    handles[split].write(record.ids[start:end].tobytes())
+                    offsets[split].append(offsets[split][-1] + end - start)
+            file_reports.append(report)
+        for handle in handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+    for split in SPLITS:
+        np.save(out_dir / f"{split}_offsets.npy", np.asarray(offsets[split], dtype=np.int64))
+
+    if len(offsets["train"]) == 1:
+        raise DstrainError(
+            f"all {records['val']} usable records hashed into the validation split "
+            f"(--val-fraction {settings.val_fraction}, --split-seed {settings.split_seed}), "
+            f"leaving nothing to train on. Lower --val-fraction, try another --split-seed, "
+            f"or add records."
+        )
+    totals = {name: sum(getattr(r, name) for r in file_reports) for name in _REPORT_TOTALS}
+    return {
+        **totals,
+        "ids_in_several_files": sorted(i for i, files in files_of_id.items() if len(files) > 1),
+        **{
+            split: {
+                "records": records[split],
+                "sequences": len(offsets[split]) - 1,
+                "tokens": offsets[split][-1],
+            }
+            for split in SPLITS
+        },
+        "files": [r.to_dict() for r in file_reports],
+    }
+
+
+def _swap_into_place(new_dir: Path, cache_dir: Path) -> None:
+    """Replace `cache_dir` by `new_dir` with renames (the old cache is removed after)."""
+    if not cache_dir.exists():
+        os.rename(new_dir, cache_dir)
+        return
+    old_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
+    os.rename(cache_dir, old_dir / "cache")
+    os.rename(new_dir, cache_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _describe_source(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {
+        "path": str(path.resolve()),
+        "size_bytes": path.stat().st_size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Reading and matching
+# --------------------------------------------------------------------------------------
+
+
+class _DamagedCache(Exception):
+    """A cache whose files disagree with its manifest."""
+
+
+def _cache_key(sources: list[dict], settings: DataSettings) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "format_version": CACHE_FORMAT_VERSION,
+        "vocab_sha256": _VOCAB_SHA256,
+        "sha256": [s["sha256"] for s in sources],
+        "settings": _token_settings(settings.model_dump(mode="json")),
+    }
+
+
+def _cache_key_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": manifest.get("format"),
+        "format_version": manifest.get("format_version"),
+        "vocab_sha256": manifest.get("vocab_sha256"),
+        "sha256": [s.get("sha256") for s in manifest.get("sources", [])],
+        "settings": _token_settings(manifest.get("settings", {})),
+    }
+
+
+def _token_settings(dumped: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dumped.items() if k not in BATCH_TIME_FIELDS}
+
+
+def _read_own_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a dstrain cache at `cache_dir`; None when there is no cache.
+
+    Raises when `cache_dir` holds something else, so a rebuild never deletes user files.
+    """
+    if not cache_dir.exists():
+        return None
+    if not cache_dir.is_dir():
+        raise DstrainError(
+            f"{cache_dir}: is a file, not a cache directory. Choose another -o/--output."
+        )
+    manifest_path = cache_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT:
+        return manifest
+    if not any(cache_dir.iterdir()):
+        return None  # an empty directory: fine to build into
+    raise DstrainError(
+        f"{cache_dir}: directory is not empty and is not a dstrain token cache (no valid "
+        f"{MANIFEST_NAME}). prepare replaces the whole directory, so it refuses to touch "
+        f"this one; choose a new or empty -o/--output directory."
+    )
+
+
+def _load(cache_dir: Path, manifest: dict[str, Any], *, reused: bool) -> PreparedData:
+    splits = {}
+    for split in SPLITS:
+        try:
+            offsets = np.load(cache_dir / f"{split}_offsets.npy")
+            tokens_path = cache_dir / f"{split}_tokens.bin"
+            size = tokens_path.stat().st_size
+        except (OSError, ValueError) as exc:
+            raise _DamagedCache(str(exc)) from exc
+        expected = manifest.get("report", {}).get(split, {})
+        found = {"sequences": len(offsets) - 1, "tokens": size}
+        if not len(offsets) or offsets[-1] != size or found != {k: expected.get(k) for k in found}:
+            raise _DamagedCache(f"{split} files do not match {MANIFEST_NAME}")
+        tokens = (
+            np.memmap(tokens_path, dtype=np.uint8, mode="r")
+            if size
+            else np.zeros(0, dtype=np.uint8)
+        )
+        splits[split] = TokenSplit(tokens=tokens, offsets=offsets)
+    return PreparedData(
+        cache_dir=cache_dir,
+        train=splits["train"],
+        val=splits["val"],
+        manifest=manifest,
+        reused=reused,
+    )
+
+
+def _counts_line(counts: dict[str, Any]) -> str:
+    return (
+        f"{counts['records']:,} records, {counts['codons']:,} codons, "
+        f"{counts['unknown_codons']:,} unknown ([UNK]), "
+        f"{counts['partial_codons']:,} partial codons dropped, "
+        f"{counts['skipped_records']:,} skipped"
+    )
