@@ -64,63 +64,116 @@ GEN_CONFIG_FLAGS: dict[str, str] = {
 
 
 @cli.command("gen-config")
-@click.option("--settings", "settings_file", type=click.Path(dir_okay=False),
-              help="Start from a settings file (JSON, or TOML on Python 3.11+); flags override it.")
+@click.option(
+    "--settings",
+    "settings_file",
+    type=click.Path(dir_okay=False),
+    help="Start from a settings file (JSON, or TOML on Python 3.11+); flags override it.",
+)
 @click.option("--bf16", "precision", flag_value="bf16", help="bf16 mixed precision (default).")
 @click.option("--fp16", "precision", flag_value="fp16", help="fp16 with dynamic loss scaling.")
 @click.option("--fp32", "precision", flag_value="fp32", help="Full fp32 training.")
 @click.option("--zero", type=click.IntRange(0, 3), help="ZeRO stage 0-3 (default 2).")
-@click.option("--offload-optimizer", type=click.Choice(["none", "cpu", "nvme"]),
-              help="Offload optimizer states (stages 1-3; nvme needs stage 3).")
-@click.option("--offload-param", type=click.Choice(["none", "cpu", "nvme"]),
-              help="Offload parameters (stage 3 only).")
+@click.option(
+    "--offload-optimizer",
+    type=click.Choice(["none", "cpu", "nvme"]),
+    help="Offload optimizer states (stages 1-3; nvme needs stage 3).",
+)
+@click.option(
+    "--offload-param",
+    type=click.Choice(["none", "cpu", "nvme"]),
+    help="Offload parameters (stage 3 only).",
+)
 @click.option("--nvme-path", help="NVMe directory for nvme offload (optimizer and params).")
-@click.option("--overlap-comm/--no-overlap-comm", default=None,
-              help="Overlap gradient reduction with backward (default: DeepSpeed's).")
+@click.option(
+    "--overlap-comm/--no-overlap-comm",
+    default=None,
+    help="Overlap gradient reduction with backward (default: DeepSpeed's).",
+)
 @click.option("--reduce-bucket-size", type=int, help="Elements reduced at once.")
 @click.option("--allgather-bucket-size", type=int, help="Elements all-gathered at once (1-2).")
 @click.option("--stage3-prefetch-bucket-size", type=int, help="Stage 3 prefetch, in elements.")
 @click.option("--stage3-max-live-parameters", type=int, help="Stage 3 live parameters cap.")
-@click.option("--stage3-param-persistence-threshold", type=int,
-              help="Stage 3: smaller parameters stay unpartitioned.")
-@click.option("--gather-16bit-weights/--no-gather-16bit-weights", default=None,
-              help="Stage 3: gather 16-bit weights on save (default on).")
+@click.option(
+    "--stage3-param-persistence-threshold",
+    type=int,
+    help="Stage 3: smaller parameters stay unpartitioned.",
+)
+@click.option(
+    "--gather-16bit-weights/--no-gather-16bit-weights",
+    default=None,
+    help="Stage 3: gather 16-bit weights on save (default on).",
+)
 @click.option("--loss-scale", type=float, help="fp16 static loss scale (0 = dynamic).")
 @click.option("--initial-scale-power", type=int, help="fp16 dynamic scale starts at 2**N.")
 @click.option("--loss-scale-window", type=int, help="fp16 clean steps before the scale doubles.")
 @click.option("--hysteresis", type=int, help="fp16 overflows tolerated before halving.")
-@click.option("--consecutive-hysteresis/--no-consecutive-hysteresis", default=None,
-              help="fp16: refill hysteresis after every clean step.")
+@click.option(
+    "--consecutive-hysteresis/--no-consecutive-hysteresis",
+    default=None,
+    help="fp16: refill hysteresis after every clean step.",
+)
 @click.option("--min-loss-scale", type=float, help="fp16 floor of the dynamic scale.")
 @click.option("--micro-batch", type=int, help="train_micro_batch_size_per_gpu (default 4).")
 @click.option("--grad-accum", type=int, help="gradient_accumulation_steps (default 1).")
-@click.option("--global-batch", type=int,
-              help="Pin train_batch_size; by default it is left out so DeepSpeed derives it "
-              "from the world size.")
+@click.option(
+    "--global-batch",
+    type=int,
+    help="Pin train_batch_size; by default it is left out so DeepSpeed derives it "
+    "from the world size.",
+)
 @click.option("--clip", type=float, help="gradient_clipping (default 1.0; 0 disables).")
 @click.option("--lr", type=float, help="AdamW peak learning rate (default 5e-5).")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01).")
 @click.option("--adam-eps", type=float, help="AdamW eps (default 1e-8).")
-@click.option("--torch-adam/--fused-adam", default=None,
-              help="torch's AdamW (default) or DeepSpeed's FusedAdam (CUDA, JIT-built).")
-@click.option("--scheduler", type=click.Choice(["none", "WarmupLR", "WarmupDecayLR",
-                                                 "WarmupCosineLR"]),
-              help="Learning-rate schedule (default WarmupLR).")
+@click.option(
+    "--torch-adam/--fused-adam",
+    default=None,
+    help="torch's AdamW (default) or DeepSpeed's FusedAdam (CUDA, JIT-built).",
+)
+@click.option(
+    "--scheduler",
+    type=click.Choice(["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]),
+    help="Learning-rate schedule (default WarmupLR).",
+)
 @click.option("--warmup-steps", type=int, help="Warm-up optimizer steps (default 100).")
 @click.option("--total-steps", type=int, help="Schedule length (WarmupDecayLR, WarmupCosineLR).")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
-              help="Recompute activations in backward (less memory, ~1/3 more compute).")
+@click.option(
+    "--activation-checkpointing/--no-activation-checkpointing",
+    default=None,
+    help="Recompute activations in backward (less memory, ~1/3 more compute).",
+)
 @click.option("--steps-per-print", type=int, help="DeepSpeed's own print interval.")
-@click.option("--wall-clock-breakdown/--no-wall-clock-breakdown", default=None,
-              help="Time forward/backward/step separately.")
-@click.option("--csv-monitor", "csv_monitor", metavar="DIR",
-              help="Enable DeepSpeed's csv monitor writing under DIR.")
-@click.option("--tensorboard", "tensorboard", metavar="DIR",
-              help="Enable DeepSpeed's tensorboard monitor writing under DIR.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write the JSON here (atomically) instead of stdout.")
-def gen_config(settings_file: str | None, output: str | None, csv_monitor: str | None,
-               tensorboard: str | None, **flags) -> None:
+@click.option(
+    "--wall-clock-breakdown/--no-wall-clock-breakdown",
+    default=None,
+    help="Time forward/backward/step separately.",
+)
+@click.option(
+    "--csv-monitor",
+    "csv_monitor",
+    metavar="DIR",
+    help="Enable DeepSpeed's csv monitor writing under DIR.",
+)
+@click.option(
+    "--tensorboard",
+    "tensorboard",
+    metavar="DIR",
+    help="Enable DeepSpeed's tensorboard monitor writing under DIR.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the JSON here (atomically) instead of stdout.",
+)
+def gen_config(
+    settings_file: str | None,
+    output: str | None,
+    csv_monitor: str | None,
+    tensorboard: str | None,
+    **flags,
+) -> None:
     """Write a DeepSpeed JSON config from typed, validated settings.
 
     \b
@@ -170,16 +223,29 @@ def _name_flags(message: str) -> str:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--world-size", type=click.IntRange(min=1),
-              help="Data-parallel ranks, for the batch arithmetic.")
-@click.option("--hostfile", type=click.Path(dir_okay=False),
-              help="DeepSpeed hostfile; the world size is the sum of its slots.")
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    help="Data-parallel ranks, for the batch arithmetic.",
+)
+@click.option(
+    "--hostfile",
+    type=click.Path(dir_okay=False),
+    help="DeepSpeed hostfile; the world size is the sum of its slots.",
+)
 @click.option("--allow-auto", is_flag=True, help='Accept "auto" values (HF Trainer fills them).')
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
-@click.option("--no-deepspeed", is_flag=True,
-              help="Skip DeepSpeed's own parser (no deepspeed import; fast).")
-def validate(paths: tuple[str, ...], world_size: int | None, hostfile: str | None,
-             allow_auto: bool, as_json: bool, no_deepspeed: bool) -> None:
+@click.option(
+    "--no-deepspeed", is_flag=True, help="Skip DeepSpeed's own parser (no deepspeed import; fast)."
+)
+def validate(
+    paths: tuple[str, ...],
+    world_size: int | None,
+    hostfile: str | None,
+    allow_auto: bool,
+    as_json: bool,
+    no_deepspeed: bool,
+) -> None:
     """Check DeepSpeed JSON configs strictly; `-` reads stdin.
 
     Reports every problem at once with its file and JSON path: unknown keys (with a
@@ -200,8 +266,9 @@ def validate(paths: tuple[str, ...], world_size: int | None, hostfile: str | Non
             raise DstrainError(str(exc), exit_code=2) from None
     problems = []
     for path in paths:
-        problems += validate_file(path, world_size=world_size, allow_auto=allow_auto,
-                                  use_deepspeed=not no_deepspeed)
+        problems += validate_file(
+            path, world_size=world_size, allow_auto=allow_auto, use_deepspeed=not no_deepspeed
+        )
     errors = [p for p in problems if p.severity == "error"]
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in problems], indent=2))
@@ -272,22 +339,43 @@ def convert_checkpoint_command(
 
 @cli.command("prepare")
 @click.argument("fasta", nargs=-1, required=True)
-@click.option("-o", "--output", "output", required=True, type=click.Path(),
-              help="Cache directory to write (replaced as a whole; reused when it matches).")
-@click.option("--frame", type=click.Choice(["0", "orf"]),
-              help="0: codons from each record's first base (default, upstream); orf: the "
-              "longest ATG...stop open reading frame, stop codon included.")
-@click.option("--on-ambiguous", type=click.Choice(["unk", "skip-record", "error"]),
-              help="Codons with IUPAC codes (N, R, Y...): [UNK] (default), drop the record, "
-              "or stop.")
-@click.option("--max-length", type=int,
-              help="Longest example in codons (default 2048); longer records become windows.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(),
+    help="Cache directory to write (replaced as a whole; reused when it matches).",
+)
+@click.option(
+    "--frame",
+    type=click.Choice(["0", "orf"]),
+    help="0: codons from each record's first base (default, upstream); orf: the "
+    "longest ATG...stop open reading frame, stop codon included.",
+)
+@click.option(
+    "--on-ambiguous",
+    type=click.Choice(["unk", "skip-record", "error"]),
+    help="Codons with IUPAC codes (N, R, Y...): [UNK] (default), drop the record, or stop.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    help="Longest example in codons (default 2048); longer records become windows.",
+)
 @click.option("--window-overlap", type=int, help="Codons shared by consecutive windows (0).")
-@click.option("--val-fraction", type=float,
-              help="Share of records held out for validation, by record-ID hash (0.1).")
+@click.option(
+    "--val-fraction",
+    type=float,
+    help="Share of records held out for validation, by record-ID hash (0.1).",
+)
 @click.option("--split-seed", type=int, help="Salt of the record-ID hash (0).")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the report as JSON on stdout (totals, splits, per file).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the report as JSON on stdout (totals, splits, per file).",
+)
 def prepare_command(fasta: tuple[str, ...], output: str, as_json: bool, **options) -> None:
     """Tokenize nucleotide FASTA files (plain or .gz) into a reusable codon token cache.
 
@@ -316,6 +404,63 @@ def prepare_command(fasta: tuple[str, ...], output: str, as_json: bool, **option
         click.echo(report_json(prepared), nl=False)
     else:
         click.echo(format_summary(prepared, time.perf_counter() - start))
+
+
+# --------------------------------------------------------------------------------------
+# train / export: the engine loop and its checkpoints
+# --------------------------------------------------------------------------------------
+
+
+@cli.command(
+    "train",
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+@click.pass_context
+def train_command(ctx: click.Context) -> None:
+    """Fine-tune a GenSLM model with DeepSpeed (`dstrain train --help` lists the options).
+
+    With no arguments: genslm_tiny on the bundled H3N2 HA/NA set (CPU if no GPU).
+    `--num-gpus N` or `--hostfile H` hands off to the deepspeed launcher.
+    """
+    from dstrain.train import main as train_main
+
+    code = train_main(list(ctx.args))
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="HF model directory to write (safetensors + config + codon tokenizer).",
+)
+@click.option(
+    "--pt", "export_pt", is_flag=True, help="Also write pytorch_model.pt (a plain fp32 state_dict)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export_command(checkpoint: str, output: str, export_pt: bool, overwrite: bool) -> None:
+    """Consolidate a dstrain checkpoint (any ZeRO stage) into an HF model directory.
+
+    CHECKPOINT is a run's output directory, its checkpoints/ directory, or one step
+    directory in it.
+    """
+    from dstrain.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, output, export_pt=export_pt, overwrite=overwrite)
+    step = f" at step {result.step}" if result.step is not None else ""
+    click.echo(
+        f"wrote {result.out_dir}: {result.architecture}, {result.num_params:,} "
+        f"parameters{step} (load with AutoModelForCausalLM.from_pretrained)"
+    )
 
 
 # -- end of commands --

@@ -61,6 +61,15 @@ class DataSettings(_Node):
     """Count padding positions in the loss (upstream GenSLM does; wrong, kept for
     reproducing old numbers). By default pad labels are -100 and ignored."""
 
+    @model_validator(mode="after")
+    def _check_windows(self) -> DataSettings:
+        if self.window_overlap >= self.max_length:
+            raise ValueError(
+                f"window_overlap ({self.window_overlap}) must be smaller than max_length "
+                f"({self.max_length}), or windows would never advance"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------
 # DeepSpeed: everything that ends up in the DeepSpeed JSON
@@ -414,3 +423,90 @@ def apply_overrides(data: dict, overrides: dict[str, object]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return merged
+
+
+# --------------------------------------------------------------------------------------
+# The training loop (dstrain/train.py); DeepSpeed's part lives in the JSON config
+# --------------------------------------------------------------------------------------
+
+
+class TrainSettings(_Node):
+    """What `dstrain train` / `dstrain/train.py` does around the DeepSpeed engine."""
+
+    model: str = "genslm_tiny"
+    """Architecture: a registered name (genslm_tiny, genslm_25M, genslm_250M, genslm_2.5B)
+    or a GPT-NeoX config.json."""
+
+    fasta: list[str] = Field(default_factory=list)
+    """Nucleotide FASTA files (plain or .gz), or one prepared cache directory; empty means
+    the bundled H3N2 HA/NA set."""
+
+    cache_dir: str | None = None
+    """Where the token cache goes; default OUTPUT_DIR/cache."""
+
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON; unset means dstrain's defaults (ZeRO-2; bf16 on GPU, fp32 on CPU),
+    written to OUTPUT_DIR/ds_config.json."""
+
+    output_dir: str = "runs/demo"
+    """Run directory: metrics.jsonl, checkpoints/, export/, cache/."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (default: run `epochs` epochs)."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training examples when max_steps is unset (fractions allowed)."""
+
+    eval_every: int = Field(default=50, ge=0)
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+
+    save_every: int = Field(default=0, ge=0)
+    """Checkpoint every this many optimizer steps (0: at each evaluation and the end)."""
+
+    log_every: int = Field(default=1, ge=1)
+    """Write a metrics row every this many optimizer steps."""
+
+    keep_best: int = Field(default=2, ge=0)
+    """Checkpoints kept besides `latest`: the best this many by validation loss."""
+
+    resume: str | None = None
+    """`auto` continues from OUTPUT_DIR/checkpoints if there is one; a path resumes from
+    that checkpoint directory."""
+
+    init_checkpoint: str | None = None
+    """Starting weights: an official GenSLM .pt file or an HF model directory."""
+
+    trust_checkpoint: bool = False
+    """Allow full unpickling of --init-checkpoint (official GenSLM files need it)."""
+
+    seed: int = 0
+    """Seeds weights, data order and every RNG."""
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    """FASTA -> examples -> batches."""
+
+    max_eval_batches: int | None = Field(default=None, ge=1)
+    """Cap on validation micro-batches per rank (default: the whole validation split)."""
+
+    skip_window: int = Field(default=50, ge=1)
+    """fp16 guard: window of optimizer steps over which skipped (overflow) steps count."""
+
+    max_skipped_share: float = Field(default=0.5, gt=0, le=1)
+    """fp16 guard: stop when more than this share of the last `skip_window` steps were
+    skipped for overflow."""
+
+    export: bool = True
+    """Write OUTPUT_DIR/export (HF model + tokenizer) at the end."""
+
+    export_pt: bool = False
+    """Also write OUTPUT_DIR/export/pytorch_model.pt, a plain fp32 state_dict."""
+
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Collective timeout: a dead rank ends the job after this long, not gloo's 30 min."""
+
+    dump_params: bool = False
+    """Test hook: each rank writes OUTPUT_DIR/params_rank{R}.pt with the final full fp32
+    parameters (gathered under ZeRO-3)."""

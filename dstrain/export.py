@@ -1,0 +1,105 @@
+"""Export a DeepSpeed checkpoint as an HF model directory (+ the codon tokenizer).
+
+Heavy edge. Consolidates fp32 weights on the CPU with no process group: DeepSpeed's
+zero_to_fp32 for ZeRO 1-3 (it reads the fp32 master partitions of every rank), and the
+module state of `mp_rank_00_model_states.pt` for stage 0 (zero_to_fp32 cannot read those).
+The result is written with `save_pretrained` (safetensors), so
+`AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dstrain.architectures import GenSLMArchitecture
+from dstrain.checkpoints import resolve_checkpoint
+from dstrain.errors import DstrainError
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    architecture: str
+    num_params: int
+    step: int | None
+
+
+def architecture_to_dict(arch: GenSLMArchitecture) -> dict[str, Any]:
+    return {f.name: getattr(arch, f.name) for f in fields(arch)}
+
+
+def _model_states(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise DstrainError(
+            f"{path} is missing: {ckpt_dir / tag} is not a complete DeepSpeed checkpoint."
+        )
+    # A file this project wrote (DeepSpeed pickles its own objects into it).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any]):
+    """Full fp32 weights of a checkpoint, keyed like the HF model's state_dict."""
+    stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        module = states["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    export_pt: bool = False,
+    overwrite: bool = True,
+) -> ExportResult:
+    """Write `out_dir` (HF model + tokenizer [+ pytorch_model.pt]) from a checkpoint."""
+    from dstrain.codons import build_hf_tokenizer
+    from dstrain.model import build_model, load_state_dict_strictly
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    states = _model_states(ckpt_dir, tag)
+    meta = states.get("dstrain") or {}
+    if "architecture" not in meta:
+        raise DstrainError(
+            f"{ckpt_dir / tag} was not written by dstrain train (no "
+            "architecture recorded), so its model shape is unknown."
+        )
+    arch = GenSLMArchitecture(**meta["architecture"])
+    state = consolidated_fp32_state_dict(ckpt_dir, tag, states)
+    model = build_model(arch)
+    load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise DstrainError(f"{out_dir} exists; pass --overwrite to replace it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        build_hf_tokenizer().save_pretrained(staging)
+        if export_pt:
+            torch.save(model.state_dict(), staging / "pytorch_model.pt")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(
+        out_dir, arch.name, sum(t.numel() for t in state.values()), meta.get("step")
+    )
