@@ -100,3 +100,142 @@ def parse_hostfile(path: str | Path) -> list[HostEntry]:
 def world_size_from_hostfile(path: str | Path) -> int:
     """Total ranks a hostfile launches: the sum of its slots."""
     return sum(entry.slots for entry in parse_hostfile(path))
+
+
+def format_hostfile(entries: list[HostEntry], *, comment: str = "") -> str:
+    """Render entries as DeepSpeed hostfile text, one `HOST slots=N` line each.
+
+    `comment` (may span lines) goes on top as `#` lines; DeepSpeed skips them.
+    """
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    lines += [f"{entry.host} slots={entry.slots}" for entry in entries]
+    return "\n".join(lines) + "\n"
+
+
+def _checked_entries(hosts: list[tuple[str, int]], source: str) -> list[HostEntry]:
+    """Entries for generated (host, slots) pairs, held to the rules a hostfile line obeys.
+
+    `line` is the entry's line in the `format_hostfile` output without a comment.
+    """
+    problems: list[str] = []
+    seen: set[str] = set()
+    for host, slots in hosts:
+        if not re.fullmatch(_HOST, host):
+            problems.append(
+                f"`{host}` is not a valid host name (letters, digits, `.`, `-`, `_` only)"
+            )
+        elif host in seen:
+            problems.append(f"host `{host}` appears twice")
+        seen.add(host)
+        if slots < 1:
+            problems.append(f"`{host}` would get slots={slots}; slots must be at least 1")
+    if problems:
+        raise DstrainError(f"cannot make a hostfile from {source}:\n  " + "\n  ".join(problems))
+    return [HostEntry(host, slots, i) for i, (host, slots) in enumerate(hosts, start=1)]
+
+
+# --------------------------------------------------------------------------------------
+# Schedulers: SLURM node lists and PBS node files -> hostfile entries
+# --------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _expand_brackets(body: str, where: str) -> list[str]:
+    """`0[1-3]` inside one range set -> the numbers as strings, zero-padding kept."""
+    numbers: list[str] = []
+    for part in body.split(","):
+        match = _RANGE.match(part.strip())
+        if match is None:
+            raise DstrainError(
+                f"{where}: `[{body}]` holds `{part}`, which is neither a number nor a range "
+                "like `01-04`"
+            )
+        low, high = match[1], match[2]
+        if high is None:
+            numbers.append(low)
+            continue
+        if int(high) < int(low):
+            raise DstrainError(f"{where}: the range `{part}` runs backwards")
+        width = len(low)  # SLURM keeps the lower bound's width: 01-10 -> 01 ... 10
+        numbers += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
+    return numbers
+
+
+def _split_top_level(nodelist: str, where: str) -> list[str]:
+    """Split a SLURM node list on the commas that are not inside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise DstrainError(f"{where}: nested `[` at character {i + 1} of `{nodelist}`")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise DstrainError(f"{where}: unmatched `]` at character {i + 1} of `{nodelist}`")
+        elif char == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    if depth:
+        raise DstrainError(f"{where}: unclosed `[` in `{nodelist}`")
+    items.append(nodelist[start:])
+    return items
+
+
+def expand_slurm_nodelist(nodelist: str, where: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand SLURM's compressed host list: `gpu[01-04,07]` -> gpu01 gpu02 gpu03 gpu04 gpu07.
+
+    Handles several items (`a[1-2],b3`), several ranges in one name (`r[1-2]n[1-2]`, the
+    product in SLURM's order) and keeps zero-padding. `where` names the source in errors.
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise DstrainError(f"{where} is empty: is this running inside a SLURM allocation?")
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist, where):
+        if not item:
+            raise DstrainError(f"{where}: empty entry in `{nodelist}` (two commas in a row?)")
+        names = [""]
+        for text, body in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            numbers = _expand_brackets(body, where) if body else [""]
+            names = [name + text + number for name in names for number in numbers]
+        hosts += names
+    return hosts
+
+
+def hostfile_from_slurm(
+    nodelist: str, slots: int, where: str = "SLURM_JOB_NODELIST"
+) -> list[HostEntry]:
+    """Entries for every node of a SLURM node list, `slots` ranks each."""
+    hosts = expand_slurm_nodelist(nodelist, where)
+    return _checked_entries([(host, slots) for host in hosts], f"{where}={nodelist}")
+
+
+def hostfile_from_pbs_text(
+    text: str, source: str = "PBS_NODEFILE", slots: int | None = None
+) -> list[HostEntry]:
+    """Entries from a PBS node file: one line per slot, so a host's count is its slots.
+
+    Hosts keep the order of their first line. `slots` overrides the counts (PBS repeats a
+    host once per MPI process or CPU, which need not be its GPU count).
+    """
+    counts: dict[str, int] = {}
+    for raw in text.splitlines():
+        host = raw.strip()
+        if host:
+            counts[host] = counts.get(host, 0) + 1
+    if not counts:
+        raise DstrainError(f"{source} lists no hosts: is this running inside a PBS job?")
+    return _checked_entries(
+        [(host, slots if slots is not None else count) for host, count in counts.items()], source
+    )
+
+
+def hostfile_from_pbs(path: str | Path, slots: int | None = None) -> list[HostEntry]:
+    """Read a PBS node file (`$PBS_NODEFILE`) into entries; see `hostfile_from_pbs_text`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DstrainError(f"cannot read the PBS node file {path}: {exc}") from None
+    return hostfile_from_pbs_text(text, str(path), slots)

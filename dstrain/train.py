@@ -817,7 +817,7 @@ def _memory_estimate_line(arch, ds_config, world, mean_len, micro) -> str | None
     except ImportError:
         return None
     estimate = estimate_for_run(
-        arch, ds_config, world_size=world, seq_len=int(math.ceil(mean_len)), micro_batch=micro
+        arch, ds_config, world_size=world, seq_len=math.ceil(mean_len), micro_batch=micro
     )
     return format_run_line(estimate)
 
