@@ -125,11 +125,11 @@ def resolve_checkpoint(spec: str | Path) -> tuple[Path, str]:
                     "is missing. Point at a step directory that exists."
                 )
             return candidate, tag
-    if path.is_dir() and any(path.glob("mp_rank_*_model_states.pt")):
+    if path.is_dir() and any(path.glob("*mp_rank_*_model_states.pt")):
         return path.parent, path.name
     raise DstrainError(
         f"{path} holds no DeepSpeed checkpoint (no `latest` file and no "
-        "mp_rank_*_model_states.pt). Pass a directory written by dstrain train."
+        "*model_states.pt). Pass a directory written by dstrain train."
     )
 
 

@@ -37,13 +37,15 @@ def architecture_to_dict(arch: GenSLMArchitecture) -> dict[str, Any]:
 
 
 def _model_states(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    if not path.exists():
-        raise DstrainError(
-            f"{path} is missing: {ckpt_dir / tag} is not a complete DeepSpeed checkpoint."
-        )
-    # A file this project wrote (DeepSpeed pickles its own objects into it).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Rank 0's model-states file (named `zero_pp_rank_0_...` under ZeRO-3)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = ckpt_dir / tag / name
+        if path.exists():
+            # A file this project wrote (DeepSpeed pickles its own objects into it).
+            return torch.load(path, map_location="cpu", weights_only=False)
+    raise DstrainError(
+        f"{ckpt_dir / tag} is not a complete DeepSpeed checkpoint (no rank-0 model states file)."
+    )
 
 
 def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any]):

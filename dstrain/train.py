@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 from collections import deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -364,9 +365,12 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    def install(self):
+        """Install the handlers; returns a function that puts the previous ones back."""
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -430,12 +434,37 @@ def run(settings: TrainSettings) -> int:
         config_source = "dstrain defaults (written to ds_config.json)"
     precision = precision_of(ds_config)
 
-    # 2. Processes, seeds.
+    # 2. Processes.
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from dstrain.architectures import resolve_architecture
+    from dstrain.ds_runtime import prepare_deepspeed
+
+    arch = resolve_architecture(settings.model)
+    if not arch.buildable:
+        raise DstrainError(f"{arch.name} cannot be trained: {arch.why_not_buildable}")
+    prepare_deepspeed(timeout_s=settings.timeout_s)
+    deepspeed.init_distributed(timeout=timedelta(seconds=settings.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log.rank = rank
+    stop = StopRequest()
+    restore_signals = stop.install()
+    try:
+        return _train(
+            settings, ds_config, config_source, precision, arch, stop, log, rank, world, output_dir
+        )
+    finally:
+        restore_signals()
+
+
+def _train(
+    settings, ds_config, config_source, precision, arch, stop, log, rank, world, output_dir
+) -> int:
     import deepspeed
     import deepspeed.comm as dist
     import torch
 
-    from dstrain.architectures import resolve_architecture
     from dstrain.batching import CodonCollator, CodonDataset, count_tokens
     from dstrain.checkpoints import (
         capture_rng_state,
@@ -445,19 +474,9 @@ def run(settings: TrainSettings) -> int:
         restore_rng_state,
         save_run_checkpoint,
     )
-    from dstrain.ds_runtime import prepare_deepspeed
     from dstrain.export import architecture_to_dict, export_checkpoint
     from dstrain.model import build_model, load_init_checkpoint
 
-    arch = resolve_architecture(settings.model)
-    if not arch.buildable:
-        raise DstrainError(f"{arch.name} cannot be trained: {arch.why_not_buildable}")
-    prepare_deepspeed(timeout_s=settings.timeout_s)
-    deepspeed.init_distributed(timeout=__import__("datetime").timedelta(seconds=settings.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    log.rank = rank
-    stop = StopRequest()
-    stop.install()
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "ds_config.json", render_ds_config(ds_config))
@@ -485,9 +504,17 @@ def run(settings: TrainSettings) -> int:
     weight_decay = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay", 0.0)
 
     # 5. Engine.
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
-    )
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+        )
+    except ValueError as exc:
+        if "not supported on your device" not in str(exc):
+            raise
+        raise DstrainError(
+            f"{precision} is not supported on this device ({exc}). fp16 needs a GPU; on "
+            "CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
+        ) from None
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
     micro_per_epoch = math.ceil(math.ceil(len(train_set) / world) / micro)

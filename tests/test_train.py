@@ -1,0 +1,514 @@
+"""The engine loop end to end on CPU with real DeepSpeed engines (gloo, CPU accelerator).
+
+In-process runs call `dstrain.train.main` the way `dstrain train` does; multi-rank and
+signal tests start real processes (`deepspeed` launcher, `python dstrain/train.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dstrain.ds_config import build_ds_config, render_ds_config
+from dstrain.settings import make_deepspeed_settings
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_PY = REPO / "dstrain" / "train.py"
+HA_FASTA = REPO / "dstrain" / "data" / "ha_CY163680_sequences.fasta"
+
+
+def write_config(path: Path, **settings) -> Path:
+    base = {"scheduler": {"type": "none"}, "steps_per_print": 1_000_000, "optimizer": {"lr": 2e-3}}
+    base.update(settings)
+    path.write_text(render_ds_config(build_ds_config(make_deepspeed_settings(base))))
+    return path
+
+
+def train(*args: str) -> int:
+    from dstrain.train import main
+
+    return main(["--no-progress", *map(str, args)])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in rows(run_dir) if "loss" in r]
+
+
+def load_params(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_process(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command in its own session; on timeout kill the whole group (no orphans)."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=subprocess_env(),
+        start_new_session=True,
+        cwd=REPO,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out: {' '.join(command)}\n{out.decode()[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, None)
+
+
+# --------------------------------------------------------------------------------------
+# One rank, every stage
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])  # stage 3 last: it patches torch for good
+def test_loss_falls_over_20_steps(tmp_path, stage, precision):
+    config = write_config(
+        tmp_path / "ds.json",
+        precision=precision,
+        zero_optimization={"stage": stage},
+        batch={"train_micro_batch_size_per_gpu": 8},
+    )
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            20,
+            "--eval-every",
+            0,
+            "--no-export",
+        )
+        == 0
+    )
+    losses = [r["loss"] for r in train_rows(run_dir)]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.3, losses
+    row = train_rows(run_dir)[-1]
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "loss_scale",
+        "skipped_steps",
+        "grad_norm",
+        "samples_per_s",
+        "useful_tokens_per_s",
+        "tokens_per_s",
+        "elapsed_s",
+        "rss_bytes",
+    ):
+        assert key in row, key
+    assert row["useful_tokens_per_s"] <= row["tokens_per_s"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000020"
+    evals = [r for r in rows(run_dir) if "val_loss" in r]
+    assert evals[-1]["step"] == 20
+    assert evals[-1]["val_perplexity"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"])
+
+
+def test_invalid_config_stops_before_any_model_is_built(tmp_path, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_clipp1ng": 1,
+                "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
+            }
+        )
+    )
+    assert train("--deepspeed_config", bad, "--output-dir", tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "gradient_clipp1ng" in err and "offload_param" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = train(
+        "--output-dir", tmp_path / "run", "--resume", tmp_path / "nowhere", "--max-steps", 1
+    )
+    assert code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Gradient accumulation is the engine's: k x micro == one k-times-larger micro
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_accumulation_matches_a_larger_micro_batch(tmp_path, stage):
+    # HA records all have 579 codons: every micro-batch has the same token count, so the
+    # mean of k micro-batch means equals the mean over the large batch.
+    results = {}
+    for micro, accum in ((2, 4), (8, 1)):
+        config = write_config(
+            tmp_path / f"ds{micro}.json",
+            precision="fp32",
+            zero_optimization={"stage": stage},
+            batch={"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum},
+        )
+        run_dir = tmp_path / f"run{micro}"
+        assert (
+            train(
+                "--deepspeed_config",
+                config,
+                "--fasta",
+                HA_FASTA,
+                "--output-dir",
+                run_dir,
+                "--max-steps",
+                3,
+                "--eval-every",
+                0,
+                "--no-export",
+                "--dump-params",
+                "--cache-dir",
+                tmp_path / "cache",
+            )
+            == 0
+        )
+        results[micro] = load_params(run_dir / "params_rank0.pt")
+    assert_same_params(results[2], results[8], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# fp16 loss scaling. DeepSpeed refuses fp16 on CPU ("Type fp16 is not supported on your
+# device"); these tests patch only that accelerator check, and inject inf gradients with
+# a hook on one weight (the only way to force an overflow on demand).
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
+
+
+@pytest.fixture
+def inject_inf(monkeypatch):
+    """Make `build_model` return a model whose gradient is inf on chosen backward passes."""
+    import torch
+
+    import dstrain.model
+
+    real_build = dstrain.model.build_model
+    calls = {"backward": 0, "poison": set()}
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        weight = model.gpt_neox.embed_in.weight
+
+        def hook(grad):
+            calls["backward"] += 1
+            if calls["backward"] in calls["poison"] or "all" in calls["poison"]:
+                return torch.full_like(grad, float("inf"))
+            return grad
+
+        weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(dstrain.model, "build_model", build)
+    return calls
+
+
+def fp16_config(path: Path, **scaling) -> Path:
+    return write_config(
+        path,
+        precision="fp16",
+        zero_optimization={"stage": 2},
+        batch={"train_micro_batch_size_per_gpu": 4},
+        fp16={"initial_scale_power": 8, "hysteresis": 1, **scaling},
+    )
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, fp16_on_cpu, inject_inf):
+    import torch
+
+    inject_inf["poison"] = {3}  # the third backward = optimizer step 3
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            fp16_config(tmp_path / "ds.json"),
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            5,
+            "--eval-every",
+            0,
+            "--no-export",
+            "--dump-params",
+        )
+        == 0
+    )
+    by_step = {r["step"]: r for r in train_rows(run_dir)}
+    assert by_step[2]["skipped_steps"] == 0 and by_step[3]["skipped_steps"] == 1
+    assert by_step[3]["loss_scale"] == by_step[2]["loss_scale"] / 2
+    assert by_step[5]["skipped_steps"] == 1
+    params = load_params(run_dir / "params_rank0.pt")
+    assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_fp16_repeated_overflows_stop_with_advice(tmp_path, fp16_on_cpu, inject_inf, capsys):
+    inject_inf["poison"] = {"all"}
+    code = train(
+        "--deepspeed_config",
+        fp16_config(tmp_path / "ds.json", initial_scale_power=3),
+        "--output-dir",
+        tmp_path / "run",
+        "--max-steps",
+        30,
+        "--eval-every",
+        0,
+        "--no-export",
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "fp16 training stopped at step" in err
+    assert "bf16" in err and "learning rate" in err and "Traceback" not in err
+
+
+def test_fp16_skip_share_guard(tmp_path, fp16_on_cpu, inject_inf, capsys):
+    inject_inf["poison"] = {2, 4, 6}  # every other step, at a high scale: no minimum reached
+    code = train(
+        "--deepspeed_config",
+        fp16_config(tmp_path / "ds.json", initial_scale_power=20),
+        "--output-dir",
+        tmp_path / "run",
+        "--max-steps",
+        20,
+        "--eval-every",
+        0,
+        "--no-export",
+        "--skip-window",
+        4,
+        "--max-skipped-share",
+        0.5,
+    )
+    assert code == 1
+    assert "were skipped for overflow" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Export: HF directory with the engine model's logits
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 3])  # module weights (stage 0) and zero_to_fp32 (3)
+def test_export_gives_the_engine_models_logits(tmp_path, stage):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dstrain.model import build_model
+
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": stage},
+        batch={"train_micro_batch_size_per_gpu": 8},
+    )
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            4,
+            "--eval-every",
+            0,
+            "--dump-params",
+            "--export-pt",
+        )
+        == 0
+    )
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
+    engine_model = build_model("genslm_tiny")
+    engine_model.load_state_dict(load_params(run_dir / "params_rank0.pt"), strict=False)
+    engine_model.eval()
+    ids = tokenizer("ATG GCC AAA TTT GGC TAA", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[10, 6, 16, 51, 5, 65]]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, engine_model(ids).logits)
+    plain = torch.load(run_dir / "export" / "pytorch_model.pt", weights_only=True)
+    assert plain.keys() == exported.state_dict().keys()
+
+
+def test_export_command_on_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train("--output-dir", run_dir, "--max-steps", 2, "--eval-every", 0, "--no-export") == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "dstrain", "export", str(run_dir), "-o", str(tmp_path / "hf")],
+        capture_output=True,
+        timeout=300,
+        env=subprocess_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert b"genslm_tiny" in result.stdout
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dstrain",
+            "export",
+            str(tmp_path / "no"),
+            "-o",
+            str(tmp_path / "hf2"),
+        ],
+        capture_output=True,
+        timeout=120,
+        env=subprocess_env(),
+        check=False,
+    )
+    assert missing.returncode == 1 and b"does not exist" in missing.stderr
+    assert b"Traceback" not in missing.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Real processes: SIGTERM + resume, and two ranks through the deepspeed launcher
+# --------------------------------------------------------------------------------------
+
+
+def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
+    common = [
+        sys.executable,
+        str(TRAIN_PY),
+        "--no-progress",
+        "--model",
+        "genslm_small",
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "0",
+        "--no-export",
+        "--dump-params",
+        "--fasta",
+        str(HA_FASTA),
+    ]
+    straight = tmp_path / "straight"
+    done = run_process([*common, "--output-dir", str(straight)])
+    assert done.returncode == 0, done.stdout.decode()[-3000:]
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        [*common, "--output-dir", str(resumed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=subprocess_env(),
+        start_new_session=True,
+        cwd=REPO,
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            metrics = resumed / "metrics.jsonl"
+            if metrics.exists() and any(
+                json.loads(line).get("step", 0) >= 5 for line in metrics.read_text().splitlines()
+            ):
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    stopped_at = int((resumed / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 5 <= stopped_at < 12, out.decode()[-2000:]
+    assert not (resumed / "params_rank0.pt").exists()
+
+    again = run_process([*common, "--output-dir", str(resumed), "--resume", "auto"])
+    assert again.returncode == 0, again.stdout.decode()[-3000:]
+    assert f"at step {stopped_at}" in again.stdout.decode()
+    steps = [r["step"] for r in train_rows(resumed)]
+    assert steps == list(range(1, 13))
+    assert_same_params(
+        load_params(straight / "params_rank0.pt"), load_params(resumed / "params_rank0.pt")
+    )
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_through_the_deepspeed_launcher_agree(tmp_path, stage):
+    from dstrain.ds_runtime import free_port
+
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="bf16",
+        zero_optimization={"stage": stage},
+        batch={"train_micro_batch_size_per_gpu": 4},
+    )
+    run_dir = tmp_path / "run"
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    result = run_process(
+        [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(TRAIN_PY),
+            "--deepspeed_config",
+            str(config),
+            "--output-dir",
+            str(run_dir),
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--dump-params",
+            "--no-progress",
+        ]
+    )
+    log = result.stdout.decode()
+    assert result.returncode == 0, log[-4000:]
+    assert "world size 2" in log
+    assert_same_params(
+        load_params(run_dir / "params_rank0.pt"), load_params(run_dir / "params_rank1.pt")
+    )
+    assert (run_dir / "export" / "model.safetensors").exists()
+    assert train_rows(run_dir)[-1]["step"] == 6
