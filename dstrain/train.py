@@ -433,6 +433,10 @@ def run(settings: TrainSettings) -> int:
         ds_config = default_ds_config(from_scratch=settings.init_checkpoint is None)
         config_source = "dstrain defaults (written to ds_config.json)"
     precision = precision_of(ds_config)
+    for monitor in ("csv_monitor", "tensorboard"):
+        block = ds_config.get(monitor)
+        if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
+            block["output_path"] = str(output_dir / "monitor")  # "" means the run's directory
 
     # 2. Processes.
     import deepspeed

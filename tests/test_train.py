@@ -512,3 +512,42 @@ def test_two_ranks_through_the_deepspeed_launcher_agree(tmp_path, stage):
     )
     assert (run_dir / "export" / "model.safetensors").exists()
     assert train_rows(run_dir)[-1]["step"] == 6
+
+
+def test_deepspeed_csv_monitor_and_best_checkpoints(tmp_path):
+    from dstrain.checkpoints import read_index
+
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": 1},
+        batch={"train_micro_batch_size_per_gpu": 8},
+        csv_monitor={"enabled": True, "job_name": "ha"},
+    )
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            8,
+            "--eval-every",
+            2,
+            "--keep-best",
+            1,
+            "--no-export",
+        )
+        == 0
+    )
+    lr_csv = run_dir / "monitor" / "ha" / "Train_Samples_lr.csv"  # DeepSpeed's own monitor
+    assert len(lr_csv.read_text().splitlines()) >= 8
+    ckpt = run_dir / "checkpoints"
+    index = read_index(ckpt)
+    kept = sorted(p.name for p in ckpt.glob("step*"))
+    assert kept == sorted(e["tag"] for e in index)
+    assert "step00000008" in kept and len(kept) <= 2
+    evals = {r["step"]: r["val_loss"] for r in rows(run_dir) if "val_loss" in r}
+    best_step = min(evals, key=evals.get)
+    assert f"step{best_step:08d}" in kept
