@@ -463,6 +463,398 @@ def export_command(checkpoint: str, output: str, export_pt: bool, overwrite: boo
     )
 
 
+# --------------------------------------------------------------------------------------
+# hostfile, launch, doctor: clusters, through DeepSpeed's own launcher
+# --------------------------------------------------------------------------------------
+
+
+@cli.command("hostfile")
+@click.option(
+    "--from-slurm",
+    "from_slurm",
+    is_flag=True,
+    help="Hosts from $SLURM_JOB_NODELIST (bracket ranges like gpu[01-04,07]).",
+)
+@click.option(
+    "--from-pbs",
+    "from_pbs",
+    is_flag=True,
+    help="Hosts from $PBS_NODEFILE (one line per slot: repeats count as slots).",
+)
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False),
+    metavar="HOSTFILE",
+    help="Only validate an existing hostfile and print its world size.",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    help="Ranks (GPUs) per node. SLURM: default $SLURM_GPUS_ON_NODE. PBS: overrides "
+    "the line counts.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the hostfile here instead of stdout.",
+)
+def hostfile_command(
+    from_slurm: bool, from_pbs: bool, check_path: str | None, slots: int | None, output: str | None
+) -> None:
+    """Write a DeepSpeed hostfile from a SLURM or PBS allocation, or check one.
+
+    \b
+    Examples:
+      dstrain hostfile --from-slurm -o hostfile       # inside sbatch/salloc
+      dstrain hostfile --from-pbs --slots 4 -o hostfile
+      dstrain hostfile --check hostfiles/two_nodes.example
+    """
+    import os
+
+    from dstrain.ds_config import write_text_atomic
+    from dstrain.hostfile import (
+        format_hostfile,
+        hostfile_from_pbs,
+        hostfile_from_slurm,
+        parse_hostfile,
+    )
+
+    if from_slurm + from_pbs + (check_path is not None) != 1:
+        raise click.UsageError("give exactly one of --from-slurm, --from-pbs, --check")
+    if check_path is not None:
+        entries = parse_hostfile(check_path)
+        total = sum(e.slots for e in entries)
+        click.echo(f"{check_path}: OK, {len(entries)} host(s), world size {total}")
+        return
+    if from_slurm:
+        name = "SLURM_JOB_NODELIST" if "SLURM_JOB_NODELIST" in os.environ else "SLURM_NODELIST"
+        nodelist = os.environ.get(name)
+        if nodelist is None:
+            raise DstrainError("$SLURM_JOB_NODELIST is not set: run this inside a SLURM job")
+        if slots is None:
+            gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+            if not gpus.isdigit() or int(gpus) < 1:
+                raise DstrainError(
+                    "give --slots N (ranks per node): $SLURM_GPUS_ON_NODE is not set "
+                    "(the job asked for no GPUs with --gpus-per-node)"
+                )
+            slots = int(gpus)
+        entries = hostfile_from_slurm(nodelist, slots, name)
+        comment = f"dstrain hostfile --from-slurm: {name}={nodelist}, {slots} slot(s) per node"
+    else:
+        path = os.environ.get("PBS_NODEFILE")
+        if not path:
+            raise DstrainError("$PBS_NODEFILE is not set: run this inside a PBS job")
+        entries = hostfile_from_pbs(path, slots)
+        comment = f"dstrain hostfile --from-pbs: PBS_NODEFILE={path}"
+    text = format_hostfile(entries, comment=comment)
+    if output:
+        write_text_atomic(output, text)
+        total = sum(e.slots for e in entries)
+        click.echo(f"wrote {output}: {len(entries)} host(s), world size {total}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command("launch")
+@click.option(
+    "--hostfile",
+    type=click.Path(dir_okay=False),
+    help="DeepSpeed hostfile (`HOST slots=N` lines): train on these nodes.",
+)
+@click.option(
+    "--num-gpus",
+    type=click.IntRange(min=1),
+    help="Ranks per node (without a hostfile: on this machine only).",
+)
+@click.option("--num-nodes", type=click.IntRange(min=1), help="Use the first N hosts only.")
+@click.option(
+    "--launcher",
+    type=click.Choice(["pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm"]),
+    default="pdsh",
+    show_default=True,
+    help="DeepSpeed's multi-node backend.",
+)
+@click.option(
+    "--master-addr",
+    help="Address of node 0 (default: DeepSpeed asks it over ssh; "
+    "127.0.0.1 for a hostfile naming only this machine).",
+)
+@click.option(
+    "--master-port",
+    type=click.IntRange(1, 65535),
+    help="Rendezvous port (DeepSpeed's default 29500).",
+)
+@click.option(
+    "--no-ssh",
+    is_flag=True,
+    help="Start only this node's ranks (run once per node, with --node-rank).",
+)
+@click.option("--node-rank", type=click.IntRange(min=0), help="This node's index, with --no-ssh.")
+@click.option(
+    "--no-ssh-check",
+    is_flag=True,
+    help="Skip DeepSpeed's ssh check of the first host (automatic for a hostfile "
+    "naming only this machine).",
+)
+@click.option(
+    "--launcher-arg",
+    "extra",
+    multiple=True,
+    metavar="ARG",
+    help="Pass ARG to DeepSpeed's launcher as is (repeatable), e.g. "
+    "--launcher-arg=--ssh_port=2222.",
+)
+@click.option("--dry-run", is_flag=True, help="Check, print the command, run nothing.")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def launch_command(
+    train_args: tuple[str, ...], extra: tuple[str, ...], dry_run: bool, **options
+) -> None:
+    """Check, then run dstrain/train.py under DeepSpeed's launcher; TRAIN_ARGS after `--`.
+
+    Validates the hostfile, the DeepSpeed config (--deepspeed_config) with the batch
+    arithmetic for the real world size, `.deepspeed_env` files and the launcher backend,
+    then replaces itself with `deepspeed ... dstrain/train.py TRAIN_ARGS`.
+
+    \b
+    Examples:
+      dstrain launch --num-gpus 8 -- --deepspeed_config ds_configs/zero2_bf16.json
+      dstrain launch --hostfile hostfile --dry-run -- --deepspeed_config ds.json \\
+          --fasta genes.fasta --output-dir runs/x
+    """
+    import os
+    import shlex
+
+    from dstrain.launch import build_launcher_argv, preflight_launch
+
+    kwargs = dict(options, train_args=list(train_args), extra_launcher_args=list(extra))
+    check = preflight_launch(**kwargs)
+    argv = build_launcher_argv(**kwargs)
+    for note in check.notes:
+        click.echo(f"note: {note}", err=True)
+    if dry_run:
+        click.echo(shlex.join(argv))
+        return
+    click.echo(f"world size {check.world_size}: {shlex.join(argv)}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+@cli.command("doctor")
+@click.option(
+    "--hostfile",
+    type=click.Path(dir_okay=False),
+    help="Also check every host: ssh, working directory, interpreter, versions.",
+)
+@click.option(
+    "--output-dir",
+    default="runs",
+    show_default=True,
+    help="Where runs write: free disk is checked there.",
+)
+@click.option("--ssh-port", type=click.IntRange(1, 65535), help="ssh port of the hosts.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="ssh connect timeout per host, in seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor_command(
+    hostfile: str | None, output_dir: str, ssh_port: int | None, timeout_s: int, as_json: bool
+) -> None:
+    """Preflight: versions, accelerator, JIT ops, /dev/shm, disk; with --hostfile every host.
+
+    Exit 0 when nothing fails (warnings allowed), 1 otherwise.
+    """
+    from dstrain.doctor import Check, check_hosts, check_local, checks_json, format_checks
+    from dstrain.hostfile import parse_hostfile
+
+    checks = check_local(output_dir)
+    if hostfile is not None:
+        try:
+            entries = parse_hostfile(hostfile)
+        except DstrainError as exc:
+            checks.append(Check("hostfile", "fail", str(exc).replace("\n", " ")))
+        else:
+            total = sum(e.slots for e in entries)
+            checks.append(Check("hostfile", "pass", f"{len(entries)} host(s), world size {total}"))
+            checks += check_hosts(entries, timeout_s=timeout_s, ssh_port=ssh_port)
+    click.echo(checks_json(checks) if as_json else format_checks(checks), nl=False)
+    if any(c.status == "fail" for c in checks):
+        raise click.exceptions.Exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# estimate: per-GPU memory for ZeRO stages 0-3 (pure arithmetic, no torch import)
+# --------------------------------------------------------------------------------------
+
+
+@cli.command("estimate")
+@click.option(
+    "--model",
+    "model_name",
+    help="A registered architecture (genslm_25M, genslm_250M, genslm_2.5B, genslm_25B, ...) "
+    "or a GPT-NeoX config.json (file or model directory).",
+)
+@click.option("--params", type=float, help="Parameter count instead of --model (e.g. 2.5e9).")
+@click.option("--hidden", type=click.IntRange(min=1), help="Hidden size, with --params.")
+@click.option("--layers", type=click.IntRange(min=1), help="Layers, with --params.")
+@click.option("--heads", type=click.IntRange(min=1), help="Attention heads, with --params.")
+@click.option("--intermediate", type=click.IntRange(min=1), help="MLP width, with --params.")
+@click.option(
+    "--vocab", type=click.IntRange(min=1), default=69, show_default=True, help="Vocabulary size."
+)
+@click.option(
+    "--gpus-per-node", type=click.IntRange(min=1), help="GPUs (ranks) per node (default 1)."
+)
+@click.option("--nodes", type=click.IntRange(min=1), help="Nodes (default 1).")
+@click.option(
+    "--hostfile",
+    type=click.Path(dir_okay=False),
+    help="DeepSpeed hostfile: nodes = its hosts, world size = its slots.",
+)
+@click.option(
+    "--gpu-mem-gib", type=click.FloatRange(min=0, min_open=True), help="Memory per GPU, GiB."
+)
+@click.option(
+    "--cpu-mem-gib", type=click.FloatRange(min=0, min_open=True), help="CPU RAM per node, GiB."
+)
+@click.option(
+    "--headroom",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.10,
+    show_default=True,
+    help="Share of GPU memory kept free (CUDA context, NCCL, fragmentation).",
+)
+@click.option("--micro-batch", type=click.IntRange(min=1), help="Sequences per GPU (default 1).")
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Tokens per sequence.",
+)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Default bf16.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "adam"]),
+    default="adamw",
+    show_default=True,
+    help="Adam family: 12 bytes/param of state in mixed precision (K = 12), 8 in fp32.",
+)
+@click.option(
+    "--offload-optimizer", type=click.Choice(["none", "cpu", "nvme"]), help="Default none."
+)
+@click.option(
+    "--offload-param",
+    type=click.Choice(["none", "cpu", "nvme"]),
+    help="Default none (ZeRO-3 only).",
+)
+@click.option(
+    "--activation-checkpointing",
+    type=click.Choice(["none", "full"]),
+    default="none",
+    show_default=True,
+    help="full: keep each layer's input, recompute the layer in backward.",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["eager", "sdpa"]),
+    default="sdpa",
+    show_default=True,
+    help="sdpa (flash / memory-efficient) stores no s x s attention scores.",
+)
+@click.option(
+    "--deepspeed_config",
+    "--deepspeed-config",
+    "ds_config_path",
+    type=click.Path(dir_okay=False),
+    help="DeepSpeed JSON to read stage, buckets, offload, precision and micro batch from; "
+    "flags given here win.",
+)
+@click.option("--zero-init", is_flag=True, help="The model is built under deepspeed.zero.Init.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def estimate_command(
+    model_name: str | None,
+    params: float | None,
+    hidden: int | None,
+    layers: int | None,
+    heads: int | None,
+    intermediate: int | None,
+    vocab: int,
+    gpus_per_node: int | None,
+    nodes: int | None,
+    hostfile: str | None,
+    gpu_mem_gib: float | None,
+    cpu_mem_gib: float | None,
+    headroom: float,
+    micro_batch: int | None,
+    seq_len: int,
+    precision: str | None,
+    optimizer: str,
+    offload_optimizer: str | None,
+    offload_param: str | None,
+    activation_checkpointing: str,
+    attention: str,
+    ds_config_path: str | None,
+    zero_init: bool,
+    as_json: bool,
+) -> None:
+    """Per-GPU memory for ZeRO stages 0-3, and the lowest stage that fits.
+
+    Parameters, gradients, optimizer states (as DeepSpeed allocates them, and the ZeRO
+    paper's figure), activations, communication buffers, CPU RAM per node, fit. Pure
+    arithmetic: no torch or deepspeed import. Example:
+
+    \b
+      dstrain estimate --model genslm_2.5B --gpus-per-node 4 --nodes 2 \\
+          --gpu-mem-gib 40
+    """
+    from dstrain.memory import estimate_from_flags
+
+    estimate = estimate_from_flags(
+        model_name=model_name,
+        params=params,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        hostfile=hostfile,
+        gpu_mem_gib=gpu_mem_gib,
+        cpu_mem_gib=cpu_mem_gib,
+        headroom=headroom,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        precision=precision,
+        optimizer=optimizer,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        activation_checkpointing=activation_checkpointing,
+        attention=attention,
+        ds_config_path=ds_config_path,
+        zero_init=zero_init,
+    )
+    if as_json:
+        import json
+
+        from dstrain.memory import estimate_to_json
+
+        click.echo(json.dumps(estimate_to_json(estimate), indent=2))
+    else:
+        from dstrain.memory import format_estimate_table
+
+        click.echo(format_estimate_table(estimate))
+
+
 # -- end of commands --
 
 

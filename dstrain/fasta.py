@@ -161,17 +161,6 @@ def is_validation_record(record_id: str, val_fraction: float, split_seed: int) -
     return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
 
 
-def check_window_settings(settings: DataSettings) -> None:
-    """Windows must advance: `window_overlap` below `max_length`."""
-    if settings.window_overlap >= settings.max_length:
-        raise DstrainError(
-            f"--window-overlap ({settings.window_overlap}) must be smaller than --max-length "
-            f"({settings.max_length}): consecutive windows share `window_overlap` codons, so "
-            f"each window adds max_length - window_overlap new ones. Lower --window-overlap "
-            f"(for example to {settings.max_length // 4})."
-        )
-
-
 def window_bounds(num_codons: int, max_length: int, window_overlap: int) -> list[tuple[int, int]]:
     """`(start, end)` codon ranges covering a record with windows of at most `max_length`.
 
@@ -239,7 +228,6 @@ def iter_codon_records(
     """Stream the kept records of one file, filling `report` as it goes (see `read_fasta`)."""
     from Bio import SeqIO
 
-    check_window_settings(settings)
     seen_ids: set[str] = set()
     with _open_fasta(path) as handle:
         try:

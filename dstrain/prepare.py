@@ -37,7 +37,6 @@ from dstrain.errors import DstrainError
 from dstrain.fasta import (
     FileReport,
     check_file_exists,
-    check_window_settings,
     is_validation_record,
     iter_codon_records,
     window_bounds,
@@ -119,7 +118,6 @@ def prepare_dataset(
     """
     if not fasta_paths:
         raise DstrainError("no FASTA files given: name at least one nucleotide FASTA file.")
-    check_window_settings(settings)
     paths = [Path(p) for p in fasta_paths]
     for path in paths:
         check_file_exists(path)
@@ -166,11 +164,13 @@ def data_settings_from_options(**options: Any) -> DataSettings:
     try:
         return DataSettings(**given)
     except ValidationError as exc:
-        problems = [
-            f"--{'.'.join(str(part) for part in err['loc']).replace('_', '-')} "
-            f"{given.get(str(err['loc'][0]), '')!r}: {err['msg']}"
-            for err in exc.errors()
-        ]
+        problems = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:  # one option; otherwise a rule across options names them itself
+                name = str(err["loc"][0])
+                message = f"--{name.replace('_', '-')} {given.get(name, '')!r}: {message}"
+            problems.append(message)
         raise DstrainError(
             "invalid data options: " + "; ".join(problems) + ".", exit_code=2
         ) from None

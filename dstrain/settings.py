@@ -65,8 +65,9 @@ class DataSettings(_Node):
     def _check_windows(self) -> DataSettings:
         if self.window_overlap >= self.max_length:
             raise ValueError(
-                f"window_overlap ({self.window_overlap}) must be smaller than max_length "
-                f"({self.max_length}), or windows would never advance"
+                f"--window-overlap ({self.window_overlap}) must be smaller than --max-length "
+                f"({self.max_length}): each window adds max_length - window_overlap new "
+                f"codons. Lower --window-overlap (for example to {self.max_length // 4})"
             )
         return self
 

@@ -479,6 +479,7 @@ def _train(
         save_run_checkpoint,
     )
     from dstrain.export import architecture_to_dict, export_checkpoint
+    from dstrain.memory import format_peak_comparison, format_run_banner
     from dstrain.model import build_model, load_init_checkpoint
 
     if rank == 0:
@@ -575,9 +576,14 @@ def _train(
         f"  steps: {engine.global_steps} -> {total_steps} ({micro_per_epoch} micro-batches "
         f"per epoch per rank)"
     )
-    memory_line = _memory_estimate_line(arch, ds_config, world, mean_len, micro)
-    if memory_line:
-        log(f"  memory estimate: {memory_line}")
+    longest = (
+        data_settings.max_length
+        if data_settings.padding == "max_length"
+        else int(prepared.train.lengths().max())
+    )
+    estimate = estimate_run_memory(arch, ds_config, world, longest, micro)
+    for line in format_run_banner(estimate).splitlines():
+        log(f"  {line}")
     log(f"  outputs: {output_dir}")
 
     # 8. Loop.
@@ -828,6 +834,8 @@ def _train(
     if rank == 0:
         write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         metrics.close()
+    if torch.cuda.is_available():
+        log(format_peak_comparison(estimate, torch.cuda.max_memory_allocated()))
     log(
         f"done: {summary['steps']} steps ({summary['skipped_steps']} skipped) in "
         f"{elapsed:.1f} s; val_loss {val_loss:.4f}, perplexity "
@@ -841,16 +849,24 @@ def _train(
     return 0
 
 
-def _memory_estimate_line(arch, ds_config, world, mean_len, micro) -> str | None:
-    """One line of `dstrain estimate` for this run, if the estimator is available."""
-    try:
-        from dstrain.memory import estimate_for_run, format_run_line
-    except ImportError:
-        return None
-    estimate = estimate_for_run(
-        arch, ds_config, world_size=world, seq_len=math.ceil(mean_len), micro_batch=micro
+def estimate_run_memory(arch, ds_config, world: int, seq_len: int, micro: int):
+    """`dstrain estimate` for this run (per rank, configured stage)."""
+    import torch
+
+    from dstrain.memory import estimate_for_run
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or (
+        min(world, torch.cuda.device_count()) if torch.cuda.is_available() else 1
     )
-    return format_run_line(estimate)
+    return estimate_for_run(
+        arch,
+        ds_config,
+        world_size=world,
+        gpus_per_node=local,
+        seq_len=seq_len,
+        micro_batch=micro,
+        activation_checkpointing="full" if "activation_checkpointing" in ds_config else "none",
+    )
 
 
 def dump_full_params(engine, path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from dstrain import codons
 from dstrain.errors import DstrainError
@@ -209,8 +210,8 @@ def test_long_records_become_windows_not_truncated():
 
 
 def test_overlap_not_below_max_length_is_an_error():
-    with pytest.raises(DstrainError, match=r"--window-overlap \(8\) must be smaller"):
-        read_fasta(BUNDLED[NA_FILE], DataSettings(max_length=8, window_overlap=8))
+    with pytest.raises(ValidationError, match=r"--window-overlap \(8\) must be smaller"):
+        DataSettings(max_length=8, window_overlap=8)
 
 
 def test_split_is_stable_per_record_id():

@@ -202,7 +202,7 @@ def test_cli_prepare_json_then_reused_summary(fasta_copies, tmp_path, capsys):
         ([], "reads.fastq", 1, "looks like FASTQ"),
         (["--on-ambiguous", "error"], "edge_cases.fasta", 1, "record 3 ('with_n')"),
         (["--max-length", "4"], None, 2, "--max-length 4"),
-        (["--max-length", "64", "--window-overlap", "64"], None, 1, "--window-overlap (64)"),
+        (["--max-length", "64", "--window-overlap", "64"], None, 2, "--window-overlap (64)"),
     ],
 )
 def test_cli_errors_are_one_paragraph(tmp_path, capsys, extra, bad_name, code, expected):

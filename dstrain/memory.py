@@ -1,0 +1,1233 @@
+"""Per-GPU memory of a GenSLM fine-tune under each ZeRO stage: pure arithmetic on bytes.
+
+Pure layer (L0): the standard library and dstrain's pure modules only; no torch, no
+deepspeed. `dstrain estimate` is a thin shell over this module, and the train loop calls
+it for its start banner:
+
+    from dstrain.memory import estimate_for_run, format_run_banner, format_peak_comparison
+    estimate = estimate_for_run(arch, ds_config, world_size=8, gpus_per_node=4, seq_len=2048)
+    print(format_run_banner(estimate))                   # rank 0, before training
+    ...
+    peak = torch.cuda.max_memory_allocated()             # on a GPU, after training
+    print(format_peak_comparison(estimate, peak))
+
+Public API
+----------
+- `MemoryInputs` (model `ModelDims`, cluster, run, DeepSpeed `ZeroSettings`) ->
+  `estimate_zero_memory(inputs)` -> `MemoryEstimate` with one `StageEstimate` per ZeRO
+  stage 0-3 and a recommendation.
+- `estimate_for_run(arch, ds_config, world_size, gpus_per_node, seq_len, ...)`: the same
+  from a GenSLM architecture and a DeepSpeed config dict (stage, buckets, offload,
+  precision and micro batch are read from the dict).
+- `format_estimate_table(estimate)` for people, `estimate_to_json(estimate)` for scripts,
+  `format_run_banner` / `format_peak_comparison` for the train loop.
+- `paper_model_states_bytes(...)`: the ZeRO paper's accounting, on its own.
+
+Notation: Ψ parameters, N data-parallel ranks (the world size), b bytes per trained
+parameter (2 for bf16/fp16, 4 for fp32), Adam's K. Sizes are bytes; GiB = 2**30 bytes.
+
+Model states: the ZeRO paper and what DeepSpeed holds
+-----------------------------------------------------
+ZeRO (Rajbhandari et al., arXiv 1910.02054, section 5 and figure 1) counts mixed-precision
+Adam as 2Ψ (16-bit params) + 2Ψ (16-bit grads) + KΨ with K = 12 (fp32 master copy,
+momentum and variance), so per device: stage 0 (2+2+K)Ψ, stage 1 2Ψ + 2Ψ + KΨ/N,
+stage 2 2Ψ + (2+K)Ψ/N, stage 3 (2+2+K)Ψ/N; 7.5B params at N = 64 give 120 / 31.4 /
+16.6 / 1.9 GB. For fp32 training the same accounting has 4-byte params and grads and
+K = 8 (the moments; the params are the master copy). `paper_model_states_bytes` is that.
+
+`model_states_bytes` is what DeepSpeed 0.19 really holds per rank at the peak of a step
+(measured on real two-rank CPU engines, tests/test_memory_engines.py, within 2%):
+
+    stage  fp32 (b = 4)                 bf16 / fp16 (b = 2)         over the paper
+    0      16Ψ                          20Ψ                         fp32 grads, mixed
+    1      4Ψ + max(4Ψ, 8Ψ/N) + 12Ψ/N   2Ψ + max(2Ψ, 8Ψ/N) + 12Ψ/N  see below
+    2      4Ψ + 20Ψ/N                   2Ψ + 20Ψ/N                  6Ψ/N (fp32 8Ψ/N)
+    3      24Ψ/N + 4P                   22Ψ/N + 2P                  6Ψ/N (fp32 8Ψ/N)
+
+(P: ZeRO-3's persistent parameters, below.) Measured at N = 2 on the 3.2M-parameter
+test model, stages 0 / 1 / 2 / 3: 16.00 / 14.00 / 14.00 / 12.00 bytes per parameter in
+fp32 and 20.00 / 12.00 / 12.00 / 11.00 in bf16; the formulas give the same, plus at
+stage 3 0.1% for persistent parameters, which the step-time snapshot does not see.
+
+- Stage 0 (runtime/fp16/unfused_optimizer.py, FP16_UnfusedOptimizer, used with a client
+  torch optimizer): an fp32 master copy of every param and, in `step`, an fp32 copy of
+  every grad beside the 16-bit grads: 2+2+4+4+8 = 20 bytes. fp32 stage 0 is the plain
+  optimizer: 4+4+8 = 16. (With DeepSpeed's FusedAdam the engine picks FP16_Optimizer,
+  runtime/fp16/fused_optimizer.py, which also flattens the fp32 grads: about 8Ψ more,
+  briefly. Not modelled.)
+- Stages 1-3 keep a separate fp32 master partition even when training in fp32
+  (stage_1_and_2.py `single_partition_of_fp32_groups` and stage3.py
+  `fp32_partitioned_groups_flat` are clones), so fp32 is not "no master copy" there.
+- The step peak: `flatten(averaged_gradients).to(fp32)` (stage_1_and_2.py `step`,
+  stage3.py `_prepare_fp32_grad_for_sub_group`) briefly holds the 16-bit gradient
+  partition, a flat 16-bit copy of it and its fp32 cast, beside the fp32 master and both
+  moments: (2b + c + 12)Ψ/N, with c = 4 for the separate fp32 cast in mixed precision and
+  0 in fp32 (the cast is the copy). DeepSpeed's own estimators
+  (`estimate_zero2_model_states_mem_needs`: 2Ψ + 18Ψ/N) count 16-bit grads, fp32 grads,
+  master and moments but not the flat copy (2Ψ/N more).
+- Stage 1 before the gradient reduction holds every param's full gradient (bΨ), the
+  paper's 2Ψ; whichever of that and the step peak is larger counts.
+- Stage 3 also keeps a 16-bit gradient partition for the whole run
+  (`grad_partitions_flat_buffer`, bΨ/N), and the full data of "persistent" params
+  (numel <= `stage3_param_persistence_threshold`, parameter_offload.py) on every rank.
+  The flat copy and the fp32 cast are per optimizer sub-group, so at most
+  `sub_group_size` elements each. DeepSpeed's `estimate_zero3_model_states_mem_needs`
+  says 18Ψ/N + 4 x largest layer; the difference is the 16-bit gradient partition and
+  the flat copy (4Ψ/N); the largest layer is under "buffers" here (live parameters).
+
+Communication buffers (per GPU, allocated whole at the configured sizes):
+stage 0: the engine's flat all-reduce bucket, b x min(Ψ, 5e8) (engine.py,
+`MEMORY_OPT_ALLREDUCE_SIZE`); stages 1-2: the gradient bucket, b x `reduce_bucket_size`,
+twice with `overlap_comm` (stage_1_and_2.py `setup_buckets`; the parameter all-gather
+writes in place and needs no bucket); stage 3: one gradient bucket plus the gathered
+("live") parameters, b x min(Ψ, `stage3_max_live_parameters`, largest module +
+`stage3_prefetch_bucket_size`). With optimizer offload, ZeRO-1/2 keep a GPU staging buffer
+of the largest parameter (`temp_grad_buffer_for_gpu_offload`).
+
+Activations (per GPU, one micro batch b_mb, s tokens, hidden h, heads a, MLP width i)
+-----------------------------------------------------------------------------------------
+Korthikanti et al. (arXiv 2205.05198, section 4.1): sbh(34 + 5as/h) bytes per layer
+without recomputation, 16-bit activations, intermediate 4h, dropout everywhere. With the
+MLP at width i that is 18sbh + 4sbi + 5as²b; `paper_activations_bytes` reports it (minus
+the 5as²b score term with sdpa; 2sbh per layer with full recomputation).
+`activations_bytes` is GPT-NeoX as transformers 5 runs it for GenSLM, counted tensor by
+tensor with autograd's saved-tensor hooks (tests/test_memory_engines.py checks it), in
+units of e = activation bytes (2, or 4 in fp32):
+- every layer: 4sbh (the input, shared by both LayerNorms of the parallel residual; the
+  QKV input; the attention-output input; the MLP input);
+- attention, sdpa: 6sbh (the fused QKV output, kept alive by V's view of it; rotated Q
+  and K; the output) + a·s·b fp32 log-sum-exp;
+- attention, eager: Q and K (2sbh), V (sbh, or the whole 3sbh QKV output when b_mb = 1,
+  whose V stays a view) and the scores: fp32 softmax plus its 16-bit cast, (4 + e)·as²b
+  bytes (4·as²b in fp32);
+- MLP: n·sbi, n = 8 for GenSLM's `gelu_fast` (its tanh formula runs as six elementwise
+  ops that each save a tensor, then the fc2 input), 2 for exact `gelu` (the paper's),
+  5 for `gelu_new`;
+- GenSLM trains without dropout, so the paper's masks (as²b + 2sbh) are not stored;
+- outside the layers: the final LayerNorm input and the LM-head input (2sbh) and the
+  fp32 log-probabilities of the loss (4·b·s·vocab bytes).
+With full activation checkpointing each layer keeps its input (sbh) and one layer is
+recomputed at a time (its full activations). Gradients of activations (transient, in
+the backward pass) are not counted.
+
+Total, fit, recommendation
+--------------------------
+total = model states + activations + buffers: an upper bound, since the activations peak
+in forward/backward and the fp32 gradient copies inside the optimizer step. Startup can
+peak higher: without `zero.Init`, ZeRO-3 first moves the whole 16-bit model to each GPU
+(bΨ). A stage fits when max(total, startup) <= (1 - headroom) x GPU memory, and the
+CPU RAM per node (offload, and each rank building the fp32 model on CPU: 4Ψ x GPUs per
+node) fits the node. The recommendation is the lowest stage that fits: stages 0-2 move
+2Ψ per step (all-reduce = reduce-scatter + all-gather), stage 3 3Ψ (parameters are
+gathered in forward and backward), per the ZeRO paper (section 7), and lower stages skip
+the partition bookkeeping.
+
+Offload (CPU RAM per node = GPUs per node x per-rank bytes; DeepSpeed's ZeRO-2 estimator
+scales its CPU figure with the total GPU count instead): optimizer offload keeps the fp32
+master, fp32 grads, moments and a 16-bit staging copy ((16 + b)Ψ/N) in CPU RAM;
+parameter offload (stage 3 only) adds the 16-bit partition (bΨ/N). NVMe moves the fp32
+state (16Ψ/N) or the params (bΨ/N) to disk and keeps pinned swap buffers in RAM
+(approximate: DeepSpeed's default buffer counts). DeepSpeed ignores optimizer offload at
+stage 0 and parameter offload below stage 3, and runs NVMe optimizer offload at stages
+1-2 as CPU offload (stage_1_and_2.py only checks `device != none`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from dstrain.architectures import (
+    ARCHITECTURES,
+    GenSLMArchitecture,
+    architecture_from_hf_config,
+    get_architecture,
+)
+from dstrain.errors import DstrainError
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Offload = Literal["none", "cpu", "nvme"]
+Attention = Literal["eager", "sdpa"]
+Checkpointing = Literal["none", "full"]
+
+GIB = 2**30
+ADAM_K = 12
+"""Bytes per parameter of mixed-precision Adam's optimizer state (ZeRO paper): fp32
+master (4) + momentum (4) + variance (4). fp32 training: K = 8 (the moments only)."""
+
+ALLREDUCE_BUCKET_NUMEL = 500_000_000
+"""Stage 0's gradient all-reduce flattens up to this many elements at once
+(deepspeed/runtime/engine.py, `MEMORY_OPT_ALLREDUCE_SIZE`)."""
+
+SAVED_TENSORS_PER_MLP_ELEMENT = {"gelu_fast": 8, "gelu_new": 5, "gelu": 2}
+"""Tensors of size s·b·i saved for backward by the MLP (fc1 output through fc2 input),
+counted with autograd saved-tensor hooks on transformers' activations (torch 2.13).
+Other activations fall back to the paper's 2 (a fused activation: its input, output)."""
+
+OFFLOAD_OPTIMIZER_BUFFER_COUNT = 4
+"""DeepSpeed's default `offload_optimizer.buffer_count` (pinned NVMe swap buffers)."""
+OFFLOAD_PARAM_BUFFER_COUNT = 5
+OFFLOAD_PARAM_BUFFER_NUMEL = 100_000_000
+"""DeepSpeed's defaults for `offload_param.buffer_count` / `buffer_size` (elements)."""
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """The numbers of a GPT-NeoX model the estimate needs. Shape fields may be None when
+    only a parameter count is known; then activations, ZeRO-3 persistence and the
+    largest layer are unknown (reported as such, not guessed)."""
+
+    name: str
+    """Registry name, config file name, or `custom`."""
+    num_params: int
+    """Ψ: every trained parameter (embeddings and LM head are untied in GenSLM)."""
+    hidden_size: int | None = None
+    """h."""
+    num_layers: int | None = None
+    """L."""
+    num_heads: int | None = None
+    """a."""
+    intermediate_size: int | None = None
+    """i, the MLP width (GenSLM's is not 4h)."""
+    vocab_size: int = 69
+    """GenSLM's codon vocabulary."""
+    hidden_act: str = "gelu_fast"
+    """transformers activation name: decides how much the MLP stores for backward."""
+
+    @property
+    def has_shape(self) -> bool:
+        """Whether every shape number is known (activations can be estimated)."""
+        return None not in (
+            self.hidden_size,
+            self.num_layers,
+            self.num_heads,
+            self.intermediate_size,
+        )
+
+    def tensor_numels(self) -> list[int] | None:
+        """Element counts of the GPT-NeoX parameter tensors, one per tensor."""
+        if not self.has_shape:
+            return None
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        assert h is not None and i is not None and self.num_layers is not None
+        layer = [h, h, h, h, 3 * h * h, 3 * h, h * h, h, i * h, i, h * i, h]
+        return [v * h] + layer * self.num_layers + [h, h, v * h]
+
+    def module_numels(self) -> list[int] | None:
+        """Parameters per leaf module (what ZeRO-3 gathers at once), as DeepSpeed's
+        `estimate_zero3_model_states_mem_needs_all_live` counts a layer."""
+        if not self.has_shape:
+            return None
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        assert h is not None and i is not None and self.num_layers is not None
+        layer = [2 * h, 2 * h, 3 * h * h + 3 * h, h * h + h, i * h + i, h * i + h]
+        return [v * h] + layer * self.num_layers + [2 * h, v * h]
+
+
+def model_dims_from_architecture(arch: GenSLMArchitecture) -> ModelDims:
+    """The estimate's view of a GenSLM architecture."""
+    return ModelDims(
+        name=arch.name,
+        num_params=arch.num_params(),
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        vocab_size=arch.vocab_size,
+        hidden_act=arch.hidden_act,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroSettings:
+    """The `zero_optimization` keys that move memory, under DeepSpeed's names and with
+    DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
+
+    stage: int | None = None
+    """The stage the DeepSpeed config asks for (marked in the table); None: no config."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements in the gradient reduction bucket (ZeRO 1-3)."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather call (ZeRO 1-2; gathers in place, no buffer)."""
+    overlap_comm: bool | None = None
+    """None: DeepSpeed's default (on for stage 3 only). ZeRO 1-2 double the bucket."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters ZeRO-3 gathers ahead of use."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """Most gathered parameter elements ZeRO-3 keeps at once."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3 keeps parameters with at most this many elements whole on every rank."""
+    sub_group_size: int = 1_000_000_000
+    """ZeRO-3 steps the optimizer in sub-groups of about this many elements."""
+    offload_optimizer: Offload = "none"
+    """`offload_optimizer.device`."""
+    offload_param: Offload = "none"
+    """`offload_param.device` (ZeRO-3 only)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryInputs:
+    """Everything one estimate depends on."""
+
+    model: ModelDims
+    world_size: int = 1
+    """N: data-parallel ranks (GPUs) in the job."""
+    gpus_per_node: int = 1
+    """Ranks sharing one node's CPU RAM."""
+    micro_batch: int = 1
+    """Sequences per GPU per forward pass (`train_micro_batch_size_per_gpu`)."""
+    seq_len: int = 2048
+    """Tokens per sequence (GenSLM's context is 2048 codons)."""
+    precision: Precision = "bf16"
+    optimizer: str = "adamw"
+    """Adam family only (K = 12 mixed precision, 8 fp32)."""
+    attention: Attention = "sdpa"
+    activation_checkpointing: Checkpointing = "none"
+    zero: ZeroSettings = ZeroSettings()
+    zero_init: bool = False
+    """Whether the model is built under `deepspeed.zero.Init` (ZeRO-3 then never holds
+    the whole model on one GPU)."""
+    gpu_mem_gib: float | None = None
+    cpu_mem_gib: float | None = None
+    """Per GPU / per node; None: fit is not judged."""
+    headroom: float = 0.10
+    """Share of GPU memory kept free for the CUDA context, NCCL and fragmentation."""
+    notes: tuple[str, ...] = ()
+    """Remarks from reading the inputs (e.g. values DeepSpeed would ignore)."""
+
+    @property
+    def num_nodes(self) -> int:
+        return math.ceil(self.world_size / self.gpus_per_node)
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEstimate:
+    """One ZeRO stage, per GPU unless the name says per node."""
+
+    stage: int
+    configured: bool
+    """The stage the DeepSpeed config asks for."""
+    params_bytes: int
+    """Parameters as trained (16-bit, or fp32), on the GPU."""
+    gradients_bytes: int
+    """Gradients at their peak: 16-bit partitions, flat copies, fp32 casts."""
+    optimizer_states_bytes: int
+    """fp32 master copy + Adam moments on the GPU (0 when offloaded)."""
+    model_states_bytes: int
+    """params + gradients + optimizer states: what DeepSpeed allocates."""
+    paper_model_states_bytes: int
+    """The ZeRO paper's accounting (no offload)."""
+    activations_bytes: int | None
+    """None when the model shape is unknown."""
+    paper_activations_bytes: int | None
+    comm_buffers: dict[str, int]
+    """Named communication buffers (bucket sizes, ZeRO-3 live parameters)."""
+    startup_bytes: int
+    """GPU bytes while the engine starts (ZeRO-3 without zero.Init: the whole model)."""
+    cpu_bytes_per_node: int
+    """CPU RAM per node: offloaded state, or building the fp32 model on every rank."""
+    cpu_offload_bytes_per_node: int
+    nvme_bytes_per_node: int
+    fits: bool | None
+    """None when unknown (no GPU memory given, or activations unknown but model states
+    alone fit)."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def comm_buffer_bytes(self) -> int:
+        return sum(self.comm_buffers.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Model states + activations (when known) + buffers."""
+        return self.model_states_bytes + (self.activations_bytes or 0) + self.comm_buffer_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-stage estimates for one set of inputs, and what to do."""
+
+    inputs: MemoryInputs
+    stages: tuple[StageEstimate, ...]
+    recommended_stage: int | None
+    recommendation: str
+
+    def stage(self, stage: int) -> StageEstimate:
+        return self.stages[stage]
+
+    @property
+    def usable_gpu_bytes(self) -> int | None:
+        if self.inputs.gpu_mem_gib is None:
+            return None
+        return int(self.inputs.gpu_mem_gib * GIB * (1.0 - self.inputs.headroom))
+
+
+# --------------------------------------------------------------------------------------
+# Formulas
+# --------------------------------------------------------------------------------------
+
+
+def param_bytes(precision: str) -> int:
+    """b: bytes per trained parameter (and gradient, and activation element)."""
+    return 4 if precision == "fp32" else 2
+
+
+def paper_model_states_bytes(
+    num_params: int, stage: int, world_size: int, precision: str = "bf16"
+) -> int:
+    """ZeRO paper (arXiv 1910.02054, section 5.1), per device: params p, grads g, optimizer
+    K bytes per parameter; mixed precision p = g = 2, K = 12; fp32 p = g = 4, K = 8.
+
+    stage 0 (p + g + K)Ψ; 1 pΨ + gΨ + KΨ/N; 2 pΨ + (g + K)Ψ/N; 3 (p + g + K)Ψ/N.
+    """
+    p = g = param_bytes(precision)
+    k = ADAM_K if precision != "fp32" else 8
+    n, big_n = num_params, world_size
+    if stage == 0:
+        return (p + g + k) * n
+    if stage == 1:
+        return (p + g) * n + k * n // big_n
+    if stage == 2:
+        return p * n + (g + k) * n // big_n
+    if stage == 3:
+        return (p + g + k) * n // big_n
+    raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+
+
+def _persistent_numel(dims: ModelDims, threshold: int) -> int:
+    """Elements of ZeRO-3 "persistent" parameters: tensors of at most `threshold`
+    elements stay whole on every rank (parameter_offload.py `mark_persistent_parameters`)."""
+    return sum(n for n in dims.tensor_numels() or [] if n <= threshold)
+
+
+def _model_state_terms(inp: MemoryInputs, stage: int) -> tuple[int, int, int, list[str]]:
+    """(params, gradients, optimizer states) bytes on one GPU at the step peak, and notes.
+
+    See the module docstring for the table these implement and where each term lives in
+    DeepSpeed's source.
+    """
+    n, big_n = inp.model.num_params, inp.world_size
+    b = param_bytes(inp.precision)
+    mixed = b != 4
+    fp32_cast = 4 if mixed else 0  # a separate fp32 copy of each gradient
+    shard = math.ceil(n / big_n)  # elements per rank (DeepSpeed pads partitions evenly)
+    offload_opt = inp.zero.offload_optimizer != "none" and stage > 0
+    notes: list[str] = []
+
+    if stage == 0:
+        # FP16_UnfusedOptimizer: 16-bit params and grads, fp32 master and fp32 grad copies;
+        # fp32: the client optimizer on the model's own params and grads.
+        master = 4 * n if mixed else 0
+        return b * n, (b + fp32_cast) * n, master + 8 * n, notes
+    if stage in (1, 2):
+        params = b * n  # bit16_groups_flat: every param, flat
+        # step(): averaged_gradients (16-bit partition) + flatten() copy + fp32 cast.
+        step_grads = (2 * b + fp32_cast) * shard
+        if offload_opt:
+            # Gradients go bucket by bucket into the fp32 partition in CPU RAM; stage 1
+            # still holds every full gradient until the reduction at the end of backward.
+            return params, (b * n if stage == 1 else 0), 0, notes
+        if stage == 1:
+            return params, max(b * n, step_grads), 12 * shard, notes
+        return params, step_grads, 12 * shard, notes
+    # Stage 3.
+    persistent = _persistent_numel(inp.model, inp.zero.stage3_param_persistence_threshold)
+    if inp.model.tensor_numels() is None:
+        notes.append("persistent parameters unknown without the model shape (counted as 0)")
+    on_gpu_params = 0 if inp.zero.offload_param != "none" else b * shard
+    params = on_gpu_params + b * persistent
+    if offload_opt:
+        return params, 0, 0, notes
+    sub_group = min(shard, inp.zero.sub_group_size)
+    # grad_partitions_flat_buffer (whole run) + flatten() copy and fp32 cast per sub-group.
+    grads = b * shard + (b + fp32_cast) * sub_group
+    return params, grads, 12 * shard, notes
+
+
+def _largest(numels: list[int] | None) -> int:
+    return max(numels) if numels else 0
+
+
+def _comm_buffers(inp: MemoryInputs, stage: int) -> dict[str, int]:
+    """Communication buffers on one GPU (see the module docstring)."""
+    b = param_bytes(inp.precision)
+    n = inp.model.num_params
+    z = inp.zero
+    if stage == 0:
+        return {"allreduce_bucket_bytes": b * min(n, ALLREDUCE_BUCKET_NUMEL)}
+    if stage in (1, 2):
+        overlap = bool(z.overlap_comm)  # DeepSpeed's default: off below stage 3
+        buffers = {"reduce_bucket_bytes": b * z.reduce_bucket_size * (2 if overlap else 1)}
+        if z.offload_optimizer != "none":
+            buffers["offload_staging_bytes"] = b * _largest(inp.model.tensor_numels())
+        return buffers
+    live = min(
+        n,
+        z.stage3_max_live_parameters,
+        _largest(inp.model.module_numels()) + z.stage3_prefetch_bucket_size,
+    )
+    return {"reduce_bucket_bytes": b * z.reduce_bucket_size, "live_params_bytes": b * live}
+
+
+def _offload_bytes_per_rank(inp: MemoryInputs, stage: int) -> tuple[int, int]:
+    """(CPU RAM, NVMe) bytes one rank offloads at this stage."""
+    z = inp.zero
+    if stage == 0:
+        return 0, 0
+    n, big_n = inp.model.num_params, inp.world_size
+    b = param_bytes(inp.precision)
+    shard = math.ceil(n / big_n)
+    cpu = nvme = 0
+    if z.offload_optimizer != "none":
+        if stage < 3 or z.offload_optimizer == "cpu":
+            # fp32 master + fp32 grads + moments + 16-bit staging copy / 16-bit grad partition
+            cpu += (16 + b) * shard
+            if stage < 3:
+                cpu += b * _largest(inp.model.tensor_numels())  # temp_grad_buffer_for_cpu_offload
+        else:
+            nvme += 16 * shard
+            cpu += b * shard + OFFLOAD_OPTIMIZER_BUFFER_COUNT * 4 * min(shard, z.sub_group_size)
+    if stage == 3 and z.offload_param == "cpu":
+        cpu += b * shard
+    elif stage == 3 and z.offload_param == "nvme":
+        nvme += b * shard
+        cpu += b * OFFLOAD_PARAM_BUFFER_COUNT * OFFLOAD_PARAM_BUFFER_NUMEL
+    return cpu, nvme
+
+
+def _activation_terms(
+    dims: ModelDims,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    attention: str,
+    checkpointing: str,
+) -> tuple[int, int] | None:
+    """(activations, paper activations) bytes for one micro batch, or None without a shape."""
+    if not dims.has_shape:
+        return None
+    h, layers, a, i = dims.hidden_size, dims.num_layers, dims.num_heads, dims.intermediate_size
+    assert h is not None and layers is not None and a is not None and i is not None
+    b_mb, s, v = micro_batch, seq_len, dims.vocab_size
+    e = param_bytes(precision)
+    sbh, sbi, as2b = s * b_mb * h, s * b_mb * i, a * s * s * b_mb
+
+    per_layer = 4 * sbh * e
+    if attention == "sdpa":
+        per_layer += 6 * sbh * e + 4 * a * s * b_mb
+    else:
+        v_elems = 3 * sbh if b_mb == 1 else sbh
+        per_layer += (2 * sbh + v_elems) * e + (4 + (e if e != 4 else 0)) * as2b
+    per_layer += SAVED_TENSORS_PER_MLP_ELEMENT.get(dims.hidden_act, 2) * sbi * e
+    outside = 2 * sbh * e + 4 * b_mb * s * v
+    if checkpointing == "full":
+        activations = layers * sbh * e + per_layer + outside
+    else:
+        activations = layers * per_layer + outside
+
+    # Korthikanti et al. in 16-bit units, scaled to e bytes: 18sbh + 4sbi + 5as²b per layer.
+    paper_layer = 18 * sbh + 4 * sbi + (5 * as2b if attention == "eager" else 0)
+    paper_layer = paper_layer * e // 2
+    paper = layers * (2 * sbh * e // 2 if checkpointing == "full" else paper_layer)
+    return activations, paper + 4 * b_mb * s * v
+
+
+# --------------------------------------------------------------------------------------
+# The estimate
+# --------------------------------------------------------------------------------------
+
+
+def _stage_estimate(inp: MemoryInputs, stage: int) -> StageEstimate:
+    params, grads, optim, notes = _model_state_terms(inp, stage)
+    model_states = params + grads + optim
+    acts = _activation_terms(
+        inp.model,
+        inp.micro_batch,
+        inp.seq_len,
+        inp.precision,
+        inp.attention,
+        inp.activation_checkpointing,
+    )
+    buffers = _comm_buffers(inp, stage)
+    b = param_bytes(inp.precision)
+    startup = b * inp.model.num_params if stage == 3 and not inp.zero_init else 0
+    cpu_rank, nvme_rank = _offload_bytes_per_rank(inp, stage)
+    cpu_offload_node = cpu_rank * inp.gpus_per_node
+    # Each rank builds the model in fp32 on CPU before DeepSpeed moves it (no zero.Init).
+    cpu_load_node = 0 if inp.zero_init else 4 * inp.model.num_params * inp.gpus_per_node
+    cpu_node = max(cpu_offload_node, cpu_load_node)
+
+    z = inp.zero
+    if stage == 0 and (z.offload_optimizer != "none" or z.offload_param != "none"):
+        notes.append("offload needs ZeRO 1-3; DeepSpeed ignores it at stage 0")
+    elif stage < 3 and z.offload_param != "none":
+        notes.append("offload_param needs ZeRO-3; DeepSpeed ignores it here")
+    if 0 < stage < 3 and z.offload_optimizer == "nvme":
+        notes.append("NVMe optimizer offload runs as CPU offload below ZeRO-3")
+
+    activations = acts[0] if acts else None
+    gpu_need = max(model_states + (activations or 0) + sum(buffers.values()), startup)
+    fits: bool | None = None
+    if inp.gpu_mem_gib is not None:
+        fits = gpu_need <= inp.gpu_mem_gib * GIB * (1.0 - inp.headroom)
+        if fits and activations is None:
+            fits = None  # the known part fits; the unknown activations might not
+        if inp.cpu_mem_gib is not None and cpu_node > inp.cpu_mem_gib * GIB:
+            fits = False
+            notes.append(f"needs {_gib(cpu_node)} GiB CPU RAM per node")
+    return StageEstimate(
+        stage=stage,
+        configured=z.stage == stage,
+        params_bytes=params,
+        gradients_bytes=grads,
+        optimizer_states_bytes=optim,
+        model_states_bytes=model_states,
+        paper_model_states_bytes=paper_model_states_bytes(
+            inp.model.num_params, stage, inp.world_size, inp.precision
+        ),
+        activations_bytes=activations,
+        paper_activations_bytes=acts[1] if acts else None,
+        comm_buffers=buffers,
+        startup_bytes=startup,
+        cpu_bytes_per_node=cpu_node,
+        cpu_offload_bytes_per_node=cpu_offload_node,
+        nvme_bytes_per_node=nvme_rank * inp.gpus_per_node,
+        fits=fits,
+        notes=tuple(notes),
+    )
+
+
+def _gpu_need(row: StageEstimate) -> int:
+    return max(row.total_bytes, row.startup_bytes)
+
+
+def _what_ifs(inp: MemoryInputs) -> list[tuple[list[str], MemoryInputs]]:
+    """Cumulative changes that shrink memory, cheapest first: (flags so far, inputs)."""
+    steps: list[tuple[list[str], MemoryInputs]] = []
+    flags: list[str] = []
+    cur = inp
+    if cur.activation_checkpointing == "none" and cur.model.has_shape:
+        cur = dataclasses.replace(cur, activation_checkpointing="full")
+        flags = [*flags, "--activation-checkpointing full"]
+        steps.append((flags, cur))
+    if cur.micro_batch > 1:
+        cur = dataclasses.replace(cur, micro_batch=1)
+        flags = [*flags, "--micro-batch 1"]
+        steps.append((flags, cur))
+    if cur.zero.offload_optimizer == "none":
+        cur = dataclasses.replace(cur, zero=dataclasses.replace(cur.zero, offload_optimizer="cpu"))
+        flags = [*flags, "--offload-optimizer cpu"]
+        steps.append((flags, cur))
+    if cur.zero.offload_param == "none":
+        cur = dataclasses.replace(cur, zero=dataclasses.replace(cur.zero, offload_param="cpu"))
+        flags = [*flags, "--offload-param cpu"]
+        steps.append((flags, cur))
+    if not cur.zero_init:
+        cur = dataclasses.replace(cur, zero_init=True)
+        flags = [*flags, "--zero-init"]
+        steps.append((flags, cur))
+    return steps
+
+
+def _recommend(inp: MemoryInputs, rows: tuple[StageEstimate, ...]) -> tuple[int | None, str]:
+    """The lowest stage that fits, and why; or what to change when none does."""
+    if inp.gpu_mem_gib is None:
+        smallest = min(rows, key=_gpu_need)
+        return None, (
+            f"give --gpu-mem-gib to judge fit. The smallest per-GPU need is "
+            f"ZeRO-{smallest.stage}'s, {_gib(_gpu_need(smallest))} GiB."
+        )
+    usable = inp.gpu_mem_gib * (1.0 - inp.headroom)
+    limit = f"{usable:.1f} GiB usable per GPU"
+    limit += f" ({inp.gpu_mem_gib:g} GiB less {inp.headroom:.0%} headroom)"
+    for row in rows:
+        if row.fits:
+            why = (
+                "stages 0-2 move 2Ψ bytes per step, stage 3 moves 3Ψ as it gathers parameters "
+                "in forward and backward (ZeRO paper, section 7)"
+                if row.stage < 3
+                else "ZeRO-3 is the only stage that fits"
+            )
+            return row.stage, (
+                f"ZeRO-{row.stage}, the lowest stage that fits: {_gib(_gpu_need(row))} of {limit}. "
+                f"Lower stages communicate less: {why}."
+            )
+    for row in rows:
+        if row.fits is None:
+            return None, (
+                f"ZeRO-{row.stage}'s model states and buffers fit, {_gib(_gpu_need(row))} of "
+                f"{limit}, but the activations are unknown: give --hidden, --layers, --heads and "
+                "--intermediate, or --model."
+            )
+    for flags, changed in _what_ifs(inp):
+        fitting = [r for r in (_stage_estimate(changed, s) for s in range(4)) if r.fits]
+        if fitting:
+            best = fitting[0]
+            return None, (
+                f"no stage fits in {limit}. With {' '.join(flags)}, ZeRO-{best.stage} fits: "
+                f"{_gib(_gpu_need(best))} GiB."
+            )
+    what_ifs = _what_ifs(inp)
+    flags, changed = what_ifs[-1] if what_ifs else ([], inp)
+    smallest = min((_stage_estimate(changed, s) for s in range(4)), key=_gpu_need)
+    tried = f" even with {' '.join(flags)}" if flags else ""
+    return None, (
+        f"no stage fits in {limit}{tried}. The smallest need is ZeRO-{smallest.stage}'s, "
+        f"{_gib(_gpu_need(smallest))} GiB: add GPUs (ZeRO-3 divides model states by the "
+        "world size), use GPUs with more memory, or a shorter --seq-len."
+    )
+
+
+def estimate_zero_memory(inputs: MemoryInputs) -> MemoryEstimate:
+    """Per-GPU memory for ZeRO stages 0-3 and the lowest stage that fits."""
+    problems = []
+    if inputs.model.num_params <= 0:
+        problems.append(f"the model must have parameters (got {inputs.model.num_params})")
+    if inputs.world_size < 1 or inputs.gpus_per_node < 1:
+        problems.append(
+            f"world size ({inputs.world_size}) and GPUs per node "
+            f"({inputs.gpus_per_node}) must be >= 1"
+        )
+    if inputs.micro_batch < 1 or inputs.seq_len < 1:
+        problems.append(
+            f"micro batch ({inputs.micro_batch}) and sequence length "
+            f"({inputs.seq_len}) must be >= 1"
+        )
+    if not 0.0 <= inputs.headroom < 1.0:
+        problems.append(f"headroom must be in [0, 1), got {inputs.headroom}")
+    for name, value, allowed in (
+        ("precision", inputs.precision, ("fp32", "fp16", "bf16")),
+        ("attention", inputs.attention, ("eager", "sdpa")),
+        ("activation checkpointing", inputs.activation_checkpointing, ("none", "full")),
+        ("offload_optimizer", inputs.zero.offload_optimizer, ("none", "cpu", "nvme")),
+        ("offload_param", inputs.zero.offload_param, ("none", "cpu", "nvme")),
+    ):
+        if value not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if problems:
+        raise DstrainError("cannot estimate memory: " + "; ".join(problems) + ".")
+    rows = tuple(_stage_estimate(inputs, stage) for stage in range(4))
+    stage, text = _recommend(inputs, rows)
+    return MemoryEstimate(inputs=inputs, stages=rows, recommended_stage=stage, recommendation=text)
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed config -> inputs
+# --------------------------------------------------------------------------------------
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    """Load a DeepSpeed JSON file as a plain dict, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DstrainError(
+            f"DeepSpeed config {path} (--deepspeed_config) does not exist; pass the path of a "
+            "DeepSpeed JSON file (see ds_configs/), or leave the flag out."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DstrainError(f"cannot read DeepSpeed config {path}: {exc}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DstrainError(
+            f"DeepSpeed config {path}:{exc.lineno}:{exc.colno} is not valid JSON ({exc.msg}); "
+            "DeepSpeed reads plain JSON: no comments, no trailing commas, true/false/null."
+        ) from None
+    if not isinstance(config, dict):
+        raise DstrainError(
+            f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}."
+        )
+    return config
+
+
+_INT_KEYS = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_param_persistence_threshold",
+    "sub_group_size",
+)
+
+
+def _number(value: Any) -> int | None:
+    """An int from a JSON number (DeepSpeed accepts 5e8 for bucket sizes); None if not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value)
+
+
+def read_ds_run_settings(
+    ds_config: Mapping[str, Any], world_size: int, source: str = "DeepSpeed config"
+) -> tuple[ZeroSettings, Precision, int | None, tuple[str, ...]]:
+    """(ZeRO settings, precision, micro batch, notes) from a DeepSpeed config dict.
+
+    Precision is fp32 unless `bf16` or `fp16` is enabled, as in DeepSpeed. Micro batch is
+    `train_micro_batch_size_per_gpu`, else derived as DeepSpeed does from
+    `train_batch_size = micro x accumulation x world`, else None. "auto" values (HF
+    Trainer's) are read as DeepSpeed's defaults, with a note. Every wrongly typed value is
+    reported at once.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    zero_block = ds_config.get("zero_optimization", {})
+    if not isinstance(zero_block, Mapping):
+        problems.append(f"zero_optimization must be an object, got {zero_block!r}")
+        zero_block = {}
+    fields: dict[str, Any] = {}
+    stage = zero_block.get("stage", 0)
+    if _number(stage) not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    else:
+        fields["stage"] = _number(stage)
+    for key in _INT_KEYS:
+        if key not in zero_block:
+            continue
+        value, number = zero_block[key], _number(zero_block[key])
+        if value == "auto":
+            notes.append(f'zero_optimization.{key} is "auto": DeepSpeed\'s default used')
+        elif number is None or number < 0:
+            problems.append(f"zero_optimization.{key} must be a whole number >= 0, got {value!r}")
+        else:
+            fields[key] = number
+    if "overlap_comm" in zero_block:
+        if isinstance(zero_block["overlap_comm"], bool):
+            fields["overlap_comm"] = zero_block["overlap_comm"]
+        else:
+            problems.append(
+                "zero_optimization.overlap_comm must be true or false, "
+                f"got {zero_block['overlap_comm']!r}"
+            )
+    if fields.get("overlap_comm") is None:
+        fields["overlap_comm"] = fields.get("stage") == 3
+    for key in ("offload_optimizer", "offload_param"):
+        block = zero_block.get(key)
+        if block is None:
+            continue
+        device = block.get("device", "none") if isinstance(block, Mapping) else None
+        if device not in ("none", "cpu", "nvme"):
+            problems.append(
+                f"zero_optimization.{key}.device must be none, cpu or nvme, got {device!r}"
+            )
+        else:
+            fields[key] = device
+
+    precision: Precision = "fp32"  # DeepSpeed trains fp32 unless bf16 or fp16 is enabled
+    enabled = []
+    for key in ("bf16", "fp16"):
+        block = ds_config.get(key)
+        if isinstance(block, Mapping) and block.get("enabled") is True:
+            enabled.append(key)
+        elif isinstance(block, Mapping) and block.get("enabled") == "auto":
+            notes.append(f'{key}.enabled is "auto": DeepSpeed drops it and trains fp32')
+    if len(enabled) == 2:
+        problems.append("bf16.enabled and fp16.enabled are both true; enable one")
+    elif enabled:
+        precision = "bf16" if enabled[0] == "bf16" else "fp16"
+
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    micro_batch = _number(micro)
+    if micro == "auto":
+        notes.append(
+            'train_micro_batch_size_per_gpu is "auto", which DeepSpeed itself rejects; '
+            "give --micro-batch (1 assumed)"
+        )
+    elif micro is not None and (micro_batch is None or micro_batch < 1):
+        problems.append(
+            f"train_micro_batch_size_per_gpu must be a whole number >= 1, got {micro!r}"
+        )
+    elif micro is None:
+        total, accum = (
+            _number(ds_config.get("train_batch_size")),
+            _number(ds_config.get("gradient_accumulation_steps", 1)),
+        )
+        if total and accum:
+            micro_batch = max(1, total // (accum * world_size))
+            notes.append(
+                f"micro batch {micro_batch} = train_batch_size {total} // "
+                f"(gradient_accumulation_steps {accum} x world size {world_size})"
+            )
+    data_types = ds_config.get("data_types")
+    if isinstance(data_types, Mapping) and data_types.get("grad_accum_dtype") not in (None, "auto"):
+        notes.append(
+            "data_types.grad_accum_dtype is not modelled (gradients counted in the training dtype)"
+        )
+    if problems:
+        raise DstrainError(
+            f"{source} cannot be read for the estimate: " + "; ".join(problems) + "."
+        )
+    return ZeroSettings(**fields), precision, micro_batch, tuple(notes)
+
+
+def estimate_for_run(
+    arch: GenSLMArchitecture,
+    ds_config: Mapping[str, Any],
+    world_size: int,
+    gpus_per_node: int,
+    seq_len: int,
+    *,
+    micro_batch: int | None = None,
+    attention: Attention = "sdpa",
+    activation_checkpointing: Checkpointing = "none",
+    zero_init: bool = False,
+    gpu_mem_gib: float | None = None,
+    cpu_mem_gib: float | None = None,
+) -> MemoryEstimate:
+    """The estimate for a run the train loop is about to start.
+
+    Stage, buckets, offload, precision and micro batch come from `ds_config` (the dict
+    handed to `deepspeed.initialize`); `micro_batch` overrides the config's. The row of
+    the configured stage is `estimate.stage(estimate.inputs.zero.stage)`.
+    """
+    zero, precision, ds_micro, notes = read_ds_run_settings(ds_config, world_size)
+    inputs = MemoryInputs(
+        model=model_dims_from_architecture(arch),
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        micro_batch=micro_batch or ds_micro or 1,
+        seq_len=seq_len,
+        precision=precision,
+        attention=attention,
+        activation_checkpointing=activation_checkpointing,
+        zero=zero,
+        zero_init=zero_init,
+        gpu_mem_gib=gpu_mem_gib,
+        cpu_mem_gib=cpu_mem_gib,
+        notes=notes,
+    )
+    return estimate_zero_memory(inputs)
+
+
+def estimate_from_flags(
+    *,
+    model_name: str | None = None,
+    params: float | None = None,
+    hidden: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    intermediate: int | None = None,
+    vocab: int = 69,
+    gpus_per_node: int | None = None,
+    nodes: int | None = None,
+    hostfile: str | None = None,
+    gpu_mem_gib: float | None = None,
+    cpu_mem_gib: float | None = None,
+    headroom: float = 0.10,
+    micro_batch: int | None = None,
+    seq_len: int = 2048,
+    precision: str | None = None,
+    optimizer: str = "adamw",
+    offload_optimizer: str | None = None,
+    offload_param: str | None = None,
+    activation_checkpointing: str = "none",
+    attention: str = "sdpa",
+    ds_config_path: str | None = None,
+    zero_init: bool = False,
+) -> MemoryEstimate:
+    """`dstrain estimate`'s flags (None = not given) -> the estimate.
+
+    Flags given win over the DeepSpeed config, which wins over defaults (bf16, micro
+    batch 1, no offload). `--params` alone estimates model states and buffers only: the
+    activations need all of --hidden, --layers, --heads and --intermediate, so without
+    them they are reported as unknown ("?") and a stage whose known part fits is marked
+    "?", not "yes". Every usage problem is reported at once (exit code 2).
+    """
+    from dstrain.hostfile import parse_hostfile
+
+    problems: list[str] = []
+    dims_given = {
+        "--hidden": hidden,
+        "--layers": layers,
+        "--heads": heads,
+        "--intermediate": intermediate,
+    }
+    if model_name is not None and (
+        params is not None or any(v is not None for v in dims_given.values())
+    ):
+        problems.append("give --model or --params (with --hidden etc.), not both")
+    elif model_name is None and params is None and all(v is None for v in dims_given.values()):
+        problems.append("give --model NAME (or a config.json), or --params N")
+    missing = [flag for flag, v in dims_given.items() if v is None]
+    if model_name is None and 0 < len(missing) < len(dims_given):
+        problems.append(
+            f"{', '.join(missing)} missing: the activation estimate needs all of "
+            f"{', '.join(dims_given)} (leave them all out to estimate model states only)"
+        )
+    if params is not None and (params < 1 or not float(params).is_integer()):
+        problems.append(f"--params must be a whole number >= 1, got {params:g}")
+    if hostfile is not None and (nodes is not None or gpus_per_node is not None):
+        problems.append("give --hostfile or --nodes / --gpus-per-node, not both")
+    if problems:
+        raise DstrainError("dstrain estimate: " + "; ".join(problems) + ".", exit_code=2)
+
+    notes: list[str] = []
+    if hostfile is not None:
+        entries = parse_hostfile(hostfile)
+        world_size = sum(e.slots for e in entries)
+        gpus_per_node = max(e.slots for e in entries)
+        if len({e.slots for e in entries}) > 1:
+            notes.append(
+                "hosts have different slot counts; CPU RAM per node assumes the largest, "
+                f"{gpus_per_node}"
+            )
+    else:
+        gpus_per_node = gpus_per_node or 1
+        world_size = gpus_per_node * (nodes or 1)
+
+    if model_name is not None:
+        dims = model_dims_from_architecture(resolve_model(model_name))
+    else:
+        shape = ModelDims(
+            name="custom",
+            num_params=int(params or 0),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=intermediate,
+            vocab_size=vocab,
+        )
+        if params is None:  # every shape number is given: count like GenSLM's GPT-NeoX
+            shape = dataclasses.replace(shape, num_params=sum(shape.tensor_numels() or []))
+        dims = shape
+        if not dims.has_shape:
+            notes.append("activations unknown: give --hidden, --layers, --heads, --intermediate")
+
+    zero = ZeroSettings()
+    ds_precision: str | None = None
+    ds_micro: int | None = None
+    if ds_config_path is not None:
+        zero, ds_precision, ds_micro, ds_notes = read_ds_run_settings(
+            read_ds_config(ds_config_path), world_size, source=f"DeepSpeed config {ds_config_path}"
+        )
+        notes += ds_notes
+    if offload_optimizer is not None:
+        zero = dataclasses.replace(zero, offload_optimizer=offload_optimizer)
+    if offload_param is not None:
+        zero = dataclasses.replace(zero, offload_param=offload_param)
+
+    inputs = MemoryInputs(
+        model=dims,
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        micro_batch=micro_batch or ds_micro or 1,
+        seq_len=seq_len,
+        precision=precision or ds_precision or "bf16",
+        optimizer=optimizer,
+        attention=attention,
+        activation_checkpointing=activation_checkpointing,
+        zero=zero,
+        zero_init=zero_init,
+        gpu_mem_gib=gpu_mem_gib,
+        cpu_mem_gib=cpu_mem_gib,
+        headroom=headroom,
+        notes=tuple(notes),
+    )
+    return estimate_zero_memory(inputs)
+
+
+def resolve_model(name_or_path: str) -> GenSLMArchitecture:
+    """A registered architecture name, or a GPT-NeoX config.json (file or directory)."""
+    if name_or_path in ARCHITECTURES:
+        return ARCHITECTURES[name_or_path]
+    if name_or_path.endswith(".json") or Path(name_or_path).exists():
+        return architecture_from_hf_config(name_or_path)
+    same_but_case = [n for n in ARCHITECTURES if n.lower() == name_or_path.lower()]
+    if same_but_case:
+        raise DstrainError(
+            f"unknown model architecture {name_or_path!r}. Did you mean {same_but_case[0]!r}? "
+            "Names are case-sensitive (M = million, B = billion parameters)."
+        )
+    return get_architecture(name_or_path)  # raises, with a did-you-mean
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: int | None) -> str:
+    return "?" if nbytes is None else f"{nbytes / GIB:.2f}"
+
+
+def _describe_inputs(inp: MemoryInputs) -> list[str]:
+    m = inp.model
+    shape = (
+        f"h {m.hidden_size}, {m.num_layers} layers, {m.num_heads} heads, i {m.intermediate_size}, "
+        f"vocab {m.vocab_size}, {m.hidden_act}"
+        if m.has_shape
+        else "shape unknown: activations not estimated"
+    )
+    gpu = (
+        f", {inp.gpu_mem_gib:g} GiB per GPU ({1 - inp.headroom:.0%} usable)"
+        if inp.gpu_mem_gib is not None
+        else ""
+    )
+    cpu = f", {inp.cpu_mem_gib:g} GiB CPU RAM per node" if inp.cpu_mem_gib is not None else ""
+    k = ADAM_K if inp.precision != "fp32" else 8
+    z = inp.zero
+    return [
+        f"model:   {m.name}, {m.num_params:,} params ({shape})",
+        f"cluster: {inp.num_nodes} node(s) x {inp.gpus_per_node} GPU(s) = {inp.world_size} "
+        f"ranks{gpu}{cpu}",
+        f"run:     {inp.precision}, micro batch {inp.micro_batch} x {inp.seq_len} tokens, "
+        f"{inp.optimizer} (K = {k}), attention {inp.attention}",
+        f"         activation checkpointing {inp.activation_checkpointing}, offload optimizer "
+        f"{z.offload_optimizer} / params {z.offload_param}"
+        + (", zero.Init" if inp.zero_init else ""),
+    ]
+
+
+def format_estimate_table(estimate: MemoryEstimate) -> str:
+    """The estimate as a table for people (GiB = 2**30 bytes, per GPU unless per node)."""
+    inp = estimate.inputs
+    lines = [*_describe_inputs(inp), ""]
+    header = (
+        f"{'ZeRO':<6}{'params':>8}{'grads':>8}{'optim':>8}{'states':>9}{'(paper)':>9}"
+        f"{'activ':>8}{'buffers':>9}{'total':>9}{'CPU/node':>10}  fits"
+    )
+    lines += [header, "-" * len(header)]
+    for row in estimate.stages:
+        mark = "*" if row.configured else " "
+        fits = {True: "yes", False: "no", None: "?"}[row.fits]
+        if row.startup_bytes > row.total_bytes:
+            fits += f" (startup {_gib(row.startup_bytes)})"
+        lines.append(
+            f"{row.stage}{mark:<5}{_gib(row.params_bytes):>8}{_gib(row.gradients_bytes):>8}"
+            f"{_gib(row.optimizer_states_bytes):>8}{_gib(row.model_states_bytes):>9}"
+            f"{'(' + _gib(row.paper_model_states_bytes) + ')':>9}{_gib(row.activations_bytes):>8}"
+            f"{_gib(row.comm_buffer_bytes):>9}{_gib(row.total_bytes):>9}"
+            f"{_gib(row.cpu_bytes_per_node):>10}  {fits}"
+        )
+    width = len(header)
+    legend = (
+        "GiB per GPU. states = what DeepSpeed 0.19 allocates at the step peak; (paper) = the "
+        "ZeRO paper's 2+2+K bytes/param accounting. total = states + activations + buffers, an "
+        "upper bound: activations and the optimizer step peak at different moments. CPU/node: "
+        "offloaded state, or every rank building the fp32 model on CPU at startup."
+    )
+    if inp.zero.stage is not None:
+        legend += " * = the DeepSpeed config's stage."
+    lines += ["", textwrap.fill(legend, width)]
+    notes = list(inp.notes) + [f"ZeRO-{r.stage}: {n}" for r in estimate.stages for n in r.notes]
+    if notes:
+        lines += ["", "Notes:"]
+        lines += [
+            textwrap.fill(n, width, initial_indent="  - ", subsequent_indent="    ") for n in notes
+        ]
+    lines += ["", textwrap.fill(f"Recommendation: {estimate.recommendation}", width)]
+    return "\n".join(lines)
+
+
+def estimate_to_json(estimate: MemoryEstimate) -> dict[str, Any]:
+    """The estimate as a JSON-ready dict with a stable key order."""
+    inp = estimate.inputs
+    m = inp.model
+    stages = []
+    for row in estimate.stages:
+        stages.append(
+            {
+                "stage": row.stage,
+                "configured": row.configured,
+                "params_bytes": row.params_bytes,
+                "gradients_bytes": row.gradients_bytes,
+                "optimizer_states_bytes": row.optimizer_states_bytes,
+                "model_states_bytes": row.model_states_bytes,
+                "paper_model_states_bytes": row.paper_model_states_bytes,
+                "activations_bytes": row.activations_bytes,
+                "paper_activations_bytes": row.paper_activations_bytes,
+                "comm_buffer_bytes": row.comm_buffer_bytes,
+                "comm_buffers": dict(row.comm_buffers),
+                "startup_bytes": row.startup_bytes,
+                "total_bytes": row.total_bytes,
+                "cpu_bytes_per_node": row.cpu_bytes_per_node,
+                "cpu_offload_bytes_per_node": row.cpu_offload_bytes_per_node,
+                "nvme_bytes_per_node": row.nvme_bytes_per_node,
+                "fits": row.fits,
+                "notes": list(row.notes),
+            }
+        )
+    return {
+        "params": m.num_params,
+        "model": {
+            "name": m.name,
+            "hidden_size": m.hidden_size,
+            "num_layers": m.num_layers,
+            "num_heads": m.num_heads,
+            "intermediate_size": m.intermediate_size,
+            "vocab_size": m.vocab_size,
+            "hidden_act": m.hidden_act,
+        },
+        "cluster": {
+            "world_size": inp.world_size,
+            "gpus_per_node": inp.gpus_per_node,
+            "nodes": inp.num_nodes,
+            "gpu_mem_gib": inp.gpu_mem_gib,
+            "usable_gpu_bytes": estimate.usable_gpu_bytes,
+            "cpu_mem_gib": inp.cpu_mem_gib,
+        },
+        "run": {
+            "precision": inp.precision,
+            "micro_batch": inp.micro_batch,
+            "seq_len": inp.seq_len,
+            "optimizer": inp.optimizer,
+            "attention": inp.attention,
+            "activation_checkpointing": inp.activation_checkpointing,
+            "zero_init": inp.zero_init,
+            "headroom": inp.headroom,
+            "zero_optimization": dataclasses.asdict(inp.zero),
+        },
+        "stages": stages,
+        "recommended_stage": estimate.recommended_stage,
+        "recommendation": estimate.recommendation,
+        "notes": list(inp.notes),
+    }
+
+
+def format_run_banner(estimate: MemoryEstimate) -> str:
+    """A few lines for the train loop's start banner: the configured stage's estimate."""
+    stage = estimate.inputs.zero.stage or 0
+    row = estimate.stage(stage)
+    lines = [
+        f"memory estimate, ZeRO-{stage}, per GPU: {_gib(row.total_bytes)} GiB = model states "
+        f"{_gib(row.model_states_bytes)} (params {_gib(row.params_bytes)}, "
+        f"grads {_gib(row.gradients_bytes)}, optimizer {_gib(row.optimizer_states_bytes)}) "
+        f"+ activations {_gib(row.activations_bytes)} "
+        f"+ buffers {_gib(row.comm_buffer_bytes)}",
+    ]
+    if row.cpu_offload_bytes_per_node:
+        lines.append(f"CPU RAM per node for offload: {_gib(row.cpu_offload_bytes_per_node)} GiB")
+    if row.fits is False:
+        lines.append(f"warning: this may not fit. {estimate.recommendation}")
+    return "\n".join(lines)
+
+
+def format_peak_comparison(estimate: MemoryEstimate, measured_peak_bytes: int) -> str:
+    """One line for the end summary: the measured peak (e.g. torch.cuda.max_memory_allocated)
+    beside the estimate for the configured stage."""
+    stage = estimate.inputs.zero.stage or 0
+    expected = estimate.stage(stage).total_bytes
+    ratio = measured_peak_bytes / expected if expected else float("nan")
+    return (
+        f"peak GPU memory: measured {_gib(measured_peak_bytes)} GiB, "
+        f"estimated {_gib(expected)} GiB "
+        f"for ZeRO-{stage} (measured / estimated = {ratio:.2f})"
+    )
