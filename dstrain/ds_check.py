@@ -163,7 +163,7 @@ def read_ds_json(path: str, stdin: Any = None) -> tuple[dict[str, Any] | None, l
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        return None, [Problem(path, "", "file not found", "check the path")]
+        return None, [Problem(path, "", "does not exist", "check the path")]
     except IsADirectoryError:
         return None, [Problem(path, "", "is a directory", "pass a JSON file inside it")]
     except OSError as exc:

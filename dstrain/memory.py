@@ -13,7 +13,7 @@ it for its start banner:
 
 Public API
 ----------
-- `MemoryInputs` (model `ModelDims`, cluster, run, DeepSpeed `ZeroSettings`) ->
+- `MemoryInputs` (model `ModelDims`, cluster, run, DeepSpeed `ZeroKnobs`) ->
   `estimate_zero_memory(inputs)` -> `MemoryEstimate` with one `StageEstimate` per ZeRO
   stage 0-3 and a recommendation.
 - `estimate_for_run(arch, ds_config, world_size, gpus_per_node, seq_len, ...)`: the same
@@ -135,7 +135,6 @@ stage 0 and parameter offload below stage 3, and runs NVMe optimizer offload at 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import textwrap
 from collections.abc import Mapping
@@ -249,7 +248,7 @@ def model_dims_from_architecture(arch: GenSLMArchitecture) -> ModelDims:
 
 
 @dataclasses.dataclass(frozen=True)
-class ZeroSettings:
+class ZeroKnobs:
     """The `zero_optimization` keys that move memory, under DeepSpeed's names and with
     DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
 
@@ -293,7 +292,7 @@ class MemoryInputs:
     """Adam family only (K = 12 mixed precision, 8 fp32)."""
     attention: Attention = "sdpa"
     activation_checkpointing: Checkpointing = "none"
-    zero: ZeroSettings = ZeroSettings()
+    zero: ZeroKnobs = ZeroKnobs()
     zero_init: bool = False
     """Whether the model is built under `deepspeed.zero.Init` (ZeRO-3 then never holds
     the whole model on one GPU)."""
@@ -733,26 +732,14 @@ def estimate_zero_memory(inputs: MemoryInputs) -> MemoryEstimate:
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     """Load a DeepSpeed JSON file as a plain dict, with errors that name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    from dstrain.ds_check import read_ds_json
+
+    config, problems = read_ds_json(str(path))
+    errors = [p for p in problems if p.severity == "error"]
+    if config is None or errors:
         raise DstrainError(
-            f"DeepSpeed config {path} (--deepspeed_config) does not exist; pass the path of a "
-            "DeepSpeed JSON file (see ds_configs/), or leave the flag out."
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DstrainError(f"cannot read DeepSpeed config {path}: {exc}") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DstrainError(
-            f"DeepSpeed config {path}:{exc.lineno}:{exc.colno} is not valid JSON ({exc.msg}); "
-            "DeepSpeed reads plain JSON: no comments, no trailing commas, true/false/null."
-        ) from None
-    if not isinstance(config, dict):
-        raise DstrainError(
-            f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}."
+            "cannot use the DeepSpeed config (--deepspeed_config): "
+            + "; ".join(p.format() for p in errors)
         )
     return config
 
@@ -778,7 +765,7 @@ def _number(value: Any) -> int | None:
 
 def read_ds_run_settings(
     ds_config: Mapping[str, Any], world_size: int, source: str = "DeepSpeed config"
-) -> tuple[ZeroSettings, Precision, int | None, tuple[str, ...]]:
+) -> tuple[ZeroKnobs, Precision, int | None, tuple[str, ...]]:
     """(ZeRO settings, precision, micro batch, notes) from a DeepSpeed config dict.
 
     Precision is fp32 unless `bf16` or `fp16` is enabled, as in DeepSpeed. Micro batch is
@@ -875,7 +862,7 @@ def read_ds_run_settings(
         raise DstrainError(
             f"{source} cannot be read for the estimate: " + "; ".join(problems) + "."
         )
-    return ZeroSettings(**fields), precision, micro_batch, tuple(notes)
+    return ZeroKnobs(**fields), precision, micro_batch, tuple(notes)
 
 
 def estimate_for_run(
@@ -1011,7 +998,7 @@ def estimate_from_flags(
         if not dims.has_shape:
             notes.append("activations unknown: give --hidden, --layers, --heads, --intermediate")
 
-    zero = ZeroSettings()
+    zero = ZeroKnobs()
     ds_precision: str | None = None
     ds_micro: int | None = None
     if ds_config_path is not None:

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -254,7 +255,13 @@ def all_ranks_agree(dist, message: str | None) -> None:
     dist.all_gather_object(messages, message)
     failed = [m for m in messages if m]
     if failed:
-        raise DstrainError(failed[0])
+        raise same_on_all_ranks(DstrainError(failed[0]))
+
+
+def same_on_all_ranks(exc: DstrainError) -> DstrainError:
+    """Mark an error every rank raises alike, so that only rank 0 prints it."""
+    exc.same_on_all_ranks = True
+    return exc
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +289,15 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
             failure = str(exc)
     all_ranks_agree(dist, failure)
     if prepared is None:
-        prepared = load_prepared(cache_dir)
+        try:
+            prepared = load_prepared(cache_dir)
+        except DstrainError as exc:
+            failure = (
+                f"rank {rank} cannot open the token cache {cache_dir} that rank 0 wrote "
+                f"({exc}). Every node must see the same output directory: use a shared "
+                "file system, or pass --cache-dir on one."
+            )
+    all_ranks_agree(dist, failure)
     if len(prepared.train) == 0:
         raise DstrainError(
             f"no training examples in {cache_dir}; add records or lower --val-fraction."
@@ -427,7 +442,10 @@ def run(settings: TrainSettings) -> int:
 
     # 1. The DeepSpeed config: checked strictly before anything is built.
     if settings.deepspeed_config:
-        ds_config = load_checked_ds_config(settings.deepspeed_config, world_size=world)
+        try:
+            ds_config = load_checked_ds_config(settings.deepspeed_config, world_size=world)
+        except DstrainError as exc:
+            raise same_on_all_ranks(exc) from None
         config_source = settings.deepspeed_config
     else:
         ds_config = default_ds_config(from_scratch=settings.init_checkpoint is None)
@@ -892,11 +910,13 @@ def hand_off(args: argparse.Namespace, argv: list[str]) -> int:
     from dstrain.launch import build_launcher_argv, preflight_launch
 
     train_args = _strip_launch_flags(argv)
-    preflight_launch(train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile)
+    check = preflight_launch(train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile)
+    for note in check.notes:
+        print(f"note: {note}", flush=True)
     command = build_launcher_argv(
         train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile
     )
-    print("launching: " + " ".join(command), flush=True)
+    print("launching: " + shlex.join(command), flush=True)
     return subprocess.call(command)
 
 
@@ -929,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     except DstrainError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif not getattr(exc, "same_on_all_ranks", False):
+            print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
 
 

@@ -199,7 +199,7 @@ def test_validate_bad_files_without_traceback(tmp_path):
     text = out(result)
     assert "broken.json: error: malformed JSON at line 2" in text
     assert "binary.json: error: this is a binary file" in text
-    assert "missing.json: error: file not found" in text
+    assert "missing.json: error: does not exist" in text
     assert b"Traceback" not in result.stderr
 
 

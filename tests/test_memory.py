@@ -21,7 +21,7 @@ from dstrain.memory import (
     GIB,
     MemoryInputs,
     ModelDims,
-    ZeroSettings,
+    ZeroKnobs,
     estimate_for_run,
     estimate_from_flags,
     estimate_to_json,
@@ -113,7 +113,7 @@ def test_model_states_bytes_per_parameter(precision, world, per_param):
 def test_zero3_counts_persistent_parameters_whole_on_every_rank():
     dims = ModelDims("tiny", 0, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
     dims = dataclasses.replace(dims, num_params=sum(dims.tensor_numels()))
-    zero = ZeroSettings(stage3_param_persistence_threshold=10_000)
+    zero = ZeroKnobs(stage3_param_persistence_threshold=10_000)
     row = estimate_zero_memory(_inputs(dims, 2, zero=zero)).stage(3)
     # LayerNorm weights/biases and linear biases (<= 10,000 elements): 4 x 3,328 + 512.
     assert row.params_bytes == 2 * (dims.num_params // 2) + 2 * 13_824
@@ -121,7 +121,7 @@ def test_zero3_counts_persistent_parameters_whole_on_every_rank():
 
 def test_zero3_fp32_gradient_copy_is_capped_by_sub_group_size():
     psi, world = 1_600_000_000, 2  # 8e8 per rank, under the default sub_group_size (1e9)
-    small = ZeroSettings(sub_group_size=1_000_000)
+    small = ZeroKnobs(sub_group_size=1_000_000)
     big = estimate_zero_memory(_inputs(_params_only(psi), world)).stage(3)
     capped = estimate_zero_memory(_inputs(_params_only(psi), world, zero=small)).stage(3)
     # flat 16-bit copy (2) + fp32 cast (4) per element of one sub-group, not of the partition
@@ -130,7 +130,7 @@ def test_zero3_fp32_gradient_copy_is_capped_by_sub_group_size():
 
 def test_optimizer_offload_leaves_16_bit_params_on_the_gpu():
     psi, world = 1_000_000_000, 8
-    zero = ZeroSettings(offload_optimizer="cpu")
+    zero = ZeroKnobs(offload_optimizer="cpu")
     est = estimate_zero_memory(_inputs(_params_only(psi), world, zero=zero))
     assert est.stage(2).model_states_bytes == 2 * psi
     assert est.stage(1).model_states_bytes == 4 * psi  # full grads until the reduction
@@ -142,7 +142,7 @@ def test_optimizer_offload_leaves_16_bit_params_on_the_gpu():
 
 def test_zero2_offload_cpu_ram_per_node_scales_with_gpus_per_node_not_total_gpus():
     psi = 1_000_000_000
-    zero = ZeroSettings(offload_optimizer="cpu")
+    zero = ZeroKnobs(offload_optimizer="cpu")
 
     def per_node(gpus_per_node: int, nodes: int) -> int:
         inp = MemoryInputs(
@@ -159,7 +159,7 @@ def test_zero2_offload_cpu_ram_per_node_scales_with_gpus_per_node_not_total_gpus
 
 
 def test_offload_param_below_stage_3_is_ignored_like_deepspeed_does():
-    zero = ZeroSettings(offload_param="cpu")
+    zero = ZeroKnobs(offload_param="cpu")
     est = estimate_zero_memory(_inputs(_params_only(10**9), 8, zero=zero))
     plain = estimate_zero_memory(_inputs(_params_only(10**9), 8))
     assert est.stage(2).model_states_bytes == plain.stage(2).model_states_bytes
@@ -189,7 +189,7 @@ def test_zero2_matches_deepspeed_estimator_plus_the_flat_gradient_copy():
 def test_zero2_offload_gpu_matches_deepspeed_but_cpu_figure_differs():
     stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
     psi = 2_533_931_008
-    zero = ZeroSettings(offload_optimizer="cpu")
+    zero = ZeroKnobs(offload_optimizer="cpu")
     for gpus_per_node, nodes in [(4, 1), (4, 2), (4, 8)]:
         ds_cpu, ds_gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(
             psi, gpus_per_node, nodes, cpu_offload=True
@@ -217,7 +217,7 @@ def test_zero3_matches_deepspeed_estimator_plus_the_16_bit_gradient_partition():
     _, ds_gpu, ds_largest_layer_bytes = stage3.estimate_zero3_model_states_mem_needs(
         dims.num_params, largest_layer, gpus_per_node, nodes, cpu_offload=False
     )
-    zero = ZeroSettings(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    zero = ZeroKnobs(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     row = estimate_zero_memory(_inputs(dims, world, zero=zero)).stage(3)
     # DeepSpeed: 18Ψ/N (16-bit params, fp32 grads, master, moments) + 4 x largest layer.
     # dstrain adds the 16-bit gradient partition kept all run (stage3.py
@@ -337,7 +337,7 @@ def test_no_gpu_memory_given_means_fit_unknown():
 
 def test_cpu_ram_per_node_is_checked_when_given():
     dims = model_dims_from_architecture(get_architecture("genslm_2.5B"))
-    zero = ZeroSettings(offload_optimizer="cpu")
+    zero = ZeroKnobs(offload_optimizer="cpu")
     inp = _inputs(dims, 8, gpu_mem_gib=40, cpu_mem_gib=16, zero=zero)
     row = estimate_zero_memory(inp).stage(2)
     assert row.fits is False
@@ -534,7 +534,7 @@ def test_cli_rejects_a_ds_config_that_is_not_json(tmp_path, capsys):
     path.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(SystemExit):
         main(["estimate", "--model", "genslm_25M", "--deepspeed_config", str(path)])
-    assert "is not valid JSON" in capsys.readouterr().err
+    assert "malformed JSON at line 1" in capsys.readouterr().err
 
 
 def test_estimate_imports_no_torch_deepspeed_or_transformers():

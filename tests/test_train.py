@@ -551,3 +551,16 @@ def test_deepspeed_csv_monitor_and_best_checkpoints(tmp_path):
     evals = {r["step"]: r["val_loss"] for r in rows(run_dir) if "val_loss" in r}
     best_step = min(evals, key=evals.get)
     assert f"step{best_step:08d}" in kept
+
+
+@pytest.mark.multiproc
+def test_dstrain_train_hands_off_to_the_launcher(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_process([sys.executable, "-m", "dstrain", "train", "--num-gpus", "2",
+                          "--output-dir", str(run_dir), "--max-steps", "2", "--eval-every",
+                          "0", "--no-export", "--dump-params", "--no-progress"])
+    log = result.stdout.decode()
+    assert result.returncode == 0, log[-4000:]
+    assert "launching: " in log and "--num_gpus 2" in log and "world size 2" in log
+    assert_same_params(load_params(run_dir / "params_rank0.pt"),
+                       load_params(run_dir / "params_rank1.pt"))
