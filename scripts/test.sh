@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check dstrain tests scripts
+.venv/bin/dstrain validate ds_configs/*.json
 exec .venv/bin/python -m pytest -q "$@"

@@ -556,11 +556,92 @@ def test_deepspeed_csv_monitor_and_best_checkpoints(tmp_path):
 @pytest.mark.multiproc
 def test_dstrain_train_hands_off_to_the_launcher(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_process([sys.executable, "-m", "dstrain", "train", "--num-gpus", "2",
-                          "--output-dir", str(run_dir), "--max-steps", "2", "--eval-every",
-                          "0", "--no-export", "--dump-params", "--no-progress"])
+    result = run_process(
+        [
+            sys.executable,
+            "-m",
+            "dstrain",
+            "train",
+            "--num-gpus",
+            "2",
+            "--output-dir",
+            str(run_dir),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--no-export",
+            "--dump-params",
+            "--no-progress",
+        ]
+    )
     log = result.stdout.decode()
     assert result.returncode == 0, log[-4000:]
     assert "launching: " in log and "--num_gpus 2" in log and "world size 2" in log
-    assert_same_params(load_params(run_dir / "params_rank0.pt"),
-                       load_params(run_dir / "params_rank1.pt"))
+    assert_same_params(
+        load_params(run_dir / "params_rank0.pt"), load_params(run_dir / "params_rank1.pt")
+    )
+
+
+@pytest.mark.parametrize("preset", ["zero2_bf16_offload.json", "zero3_bf16_offload.json"])
+def test_offload_presets_train(tmp_path, preset):
+    # Optimizer offload runs DeepSpeed's CPU Adam, JIT-built on first use (~45 s, cached).
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            REPO / "ds_configs" / preset,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            3,
+            "--eval-every",
+            0,
+            "--no-export",
+        )
+        == 0
+    )
+    row = train_rows(run_dir)[-1]
+    assert row["step"] == 3 and row["skipped_steps"] == 0
+
+
+def test_init_checkpoint_from_an_official_genslm_file(tmp_path, capsys, make_upstream_checkpoint):
+    import torch
+
+    from dstrain.model import build_model
+
+    torch.manual_seed(123)
+    source = build_model("genslm_tiny")
+    upstream = make_upstream_checkpoint(source, tmp_path / "genslm_tiny.pt")
+    refused = train(
+        "--output-dir", tmp_path / "no", "--init-checkpoint", upstream, "--max-steps", 1
+    )
+    assert refused == 1 and "--trust-checkpoint" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": 0},
+        optimizer={"lr": 1e-12},
+    )
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            run_dir,
+            "--init-checkpoint",
+            upstream,
+            "--trust-checkpoint",
+            "--max-steps",
+            1,
+            "--eval-every",
+            0,
+            "--no-export",
+            "--dump-params",
+        )
+        == 0
+    )
+    trained = load_params(run_dir / "params_rank0.pt")
+    for name, param in source.named_parameters():
+        torch.testing.assert_close(trained[name], param.detach(), atol=1e-6, rtol=0)
