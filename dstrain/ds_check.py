@@ -36,6 +36,8 @@ LOSS_SCALE_KEYS = (
     "min_loss_scale",
 )
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DEEPSPEED_AUTO_KEYS = frozenset({"pipeline.stages", "data_types.keep_in_fp32_modules"})
+"""Keys where `"auto"` is DeepSpeed's own value (its defaults), not an HF placeholder."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -187,6 +189,10 @@ def _suggest(key: str, known: list[str]) -> str:
     return "remove it (see DeepSpeed's config documentation for the valid keys)"
 
 
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def _is_int(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -270,15 +276,17 @@ class _Checker:
 
     # b. leftover "auto" --------------------------------------------------------------
 
-    def auto_values(self, node: Any = None, path: str = "") -> None:
-        node = self.config if node is None else node
+    def auto_values(self) -> None:
+        self._auto_values(self.config, "")
+
+    def _auto_values(self, node: Any, path: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                self.auto_values(value, _join(path, key))
+                self._auto_values(value, _join(path, key))
         elif isinstance(node, list):
             for index, value in enumerate(node):
-                self.auto_values(value, f"{path}[{index}]")
-        elif isinstance(node, str) and node.strip().lower() == "auto":
+                self._auto_values(value, f"{path}[{index}]")
+        elif _is_auto(node) and path not in DEEPSPEED_AUTO_KEYS:
             leaf = path.rsplit(".", 1)[-1]
             if path in ("fp16.enabled", "bf16.enabled"):
                 why = (
@@ -304,9 +312,7 @@ class _Checker:
         for name, block in (("fp16", fp16), ("bf16", bf16)):
             if isinstance(block, dict) and "enabled" in block:
                 value = block["enabled"]
-                if not isinstance(value, bool) and not (
-                    isinstance(value, str) and value.lower() == "auto"
-                ):
+                if not isinstance(value, bool) and not _is_auto(value):
                     self.add(
                         f"{name}.enabled",
                         f"must be true or false, not {value!r}",
@@ -387,7 +393,7 @@ class _Checker:
                 continue
             device = block.get("device", "none")
             if device not in OFFLOAD_DEVICES:
-                if not (isinstance(device, str) and device.lower() == "auto"):
+                if not _is_auto(device):
                     self.add(f"{path}.device", f"must be one of none, cpu, nvme, not {device!r}")
                 continue
             if device == "none":
@@ -427,11 +433,7 @@ class _Checker:
             "sub_group_size",
         ):
             value = zero.get(key)
-            if (
-                value is not None
-                and not (isinstance(value, str) and value.lower() == "auto")
-                and (not _is_int(value) or value < 0)
-            ):
+            if value is not None and not _is_auto(value) and (not _is_int(value) or value < 0):
                 self.add(
                     f"zero_optimization.{key}", f"must be a whole number of elements, not {value!r}"
                 )
@@ -516,10 +518,12 @@ class _Checker:
     # d. batch arithmetic ----------------------------------------------------------------
 
     def batch_rules(self, world_size: int | None) -> None:
+        if any(_is_auto(self.config.get(key)) for key in BATCH_KEYS):
+            return  # filled in by HF Trainer / accelerate: no arithmetic to do yet
         values = {}
         for key in BATCH_KEYS:
             value = self.config.get(key)
-            if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            if value is None:
                 continue
             if not _is_int(value) or value < 1:
                 self.add(key, f"must be a whole number >= 1, not {value!r}")
@@ -611,13 +615,15 @@ def check_ds_config(
     checker.unknown_keys()
     if not allow_auto:
         checker.auto_values()
-    checker.precision_rules()
-    checker.clipping_rule()
-    checker.zero_rules()
-    checker.optimizer_rules()
-    checker.activation_checkpointing_rules()
     checker.batch_rules(world_size)
-    return checker.problems
+    # The value rules see the config without its "auto" leaves (reported once, above).
+    values = _Checker(_strip_auto(config), source)
+    values.precision_rules()
+    values.clipping_rule()
+    values.zero_rules()
+    values.optimizer_rules()
+    values.activation_checkpointing_rules()
+    return checker.problems + values.problems
 
 
 # --------------------------------------------------------------------------------------
@@ -647,11 +653,7 @@ def _quiet_fds():
 
 def _strip_auto(node: Any) -> Any:
     if isinstance(node, dict):
-        return {
-            k: _strip_auto(v)
-            for k, v in node.items()
-            if not (isinstance(v, str) and v.lower() == "auto")
-        }
+        return {k: _strip_auto(v) for k, v in node.items() if not _is_auto(v)}
     if isinstance(node, list):
         return [_strip_auto(v) for v in node]
     return node
@@ -671,6 +673,9 @@ def deepspeed_parser_problems(config: dict[str, Any], source: str) -> list[Probl
     except Exception:  # ImportError, or a broken install raising anything else
         return None
     parsed = _strip_auto(copy.deepcopy(dict(config)))
+    if any(_is_auto(config.get(key)) for key in BATCH_KEYS):
+        parsed = {k: v for k, v in parsed.items() if k not in BATCH_KEYS}
+        parsed["train_micro_batch_size_per_gpu"] = 1  # a stand-in for HF's filled-in value
     if "train_micro_batch_size_per_gpu" in parsed:
         parsed.pop("train_batch_size", None)
     try:

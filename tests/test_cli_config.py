@@ -238,3 +238,21 @@ def test_cli_stays_light(argv):
     )
     assert result.returncode == 0, result.stderr
     assert "HEAVY=\n" in result.stderr.decode()
+
+
+def test_every_gen_config_flag_combination_validates():
+    gen = dstrain(
+        "gen-config",
+        "--zero",
+        "3",
+        "--activation-checkpointing",
+        "--csv-monitor",
+        "logs",
+        "--scheduler",
+        "WarmupCosineLR",
+        "--total-steps",
+        "1000",
+    )
+    assert gen.returncode == 0, gen.stderr
+    check = dstrain("validate", "-", stdin=gen.stdout)
+    assert check.returncode == 0, out(check)

@@ -201,3 +201,35 @@ def test_load_checked_ds_config_raises_one_paragraph(tmp_path):
     assert "gradient_clipp1ng" in str(err.value) and "dstrain validate" in str(err.value)
     path.write_text(json.dumps(BASE))
     assert load_checked_ds_config(str(path)) == BASE
+
+
+ASSETS = __import__("pathlib").Path(__file__).parent / "assets" / "ds"
+
+
+def test_hf_trainer_config_passes_with_allow_auto_only():
+    config = json.loads((ASSETS / "hf_trainer_zero3.json").read_text())
+    assert [
+        p for p in check_ds_config(config, allow_auto=True, world_size=8) if p.severity == "error"
+    ] == []
+    found = errors(config)
+    assert {
+        "fp16.enabled",
+        "gradient_clipping",
+        "train_batch_size",
+        "zero_optimization.reduce_bucket_size",
+    } <= found.keys()
+
+
+def test_hf_trainer_config_through_deepspeeds_parser():
+    pytest.importorskip("deepspeed")
+    config = json.loads((ASSETS / "hf_trainer_zero3.json").read_text())
+    assert deepspeed_parser_problems(config, "hf.json") == []
+
+
+def test_null_values_are_fine():
+    config = {
+        **BASE,
+        "activation_checkpointing": {"number_checkpoints": None},
+        "pipeline": {"stages": "auto"},
+    }
+    assert check_ds_config(config) == []

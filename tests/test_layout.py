@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "dstrain"
 
 
@@ -27,3 +29,22 @@ def test_no_module_shadows_stdlib_or_installed_packages():
     finally:
         sys.path[:] = saved
     assert shadowing == []
+
+
+def test_every_data_file_in_the_package_is_declared_package_data():
+    """A wheel carries only declared data files: dstrain/ds_schema.json and the bundled
+    FASTA must be among them, or an installed dstrain cannot validate or demo."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["dstrain"]
+    data_files = [
+        p.relative_to(PACKAGE_DIR).as_posix()
+        for p in PACKAGE_DIR.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
+    assert "ds_schema.json" in data_files
+    undeclared = [f for f in data_files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert undeclared == []
