@@ -96,6 +96,10 @@ class GenSLMArchitecture:
         per_layer = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
         return v * h + self.num_layers * per_layer + 2 * h + h * v
 
+    def to_dict(self) -> dict[str, object]:
+        """The fields, for checkpoints and JSON (`GenSLMArchitecture(**d)` rebuilds it)."""
+        return dataclasses.asdict(self)
+
     def shape_key(self) -> tuple[int, int, int, int]:
         """(vocab, hidden, layers, intermediate): what fixes every weight's shape."""
         return (self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size)

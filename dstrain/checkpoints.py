@@ -90,7 +90,9 @@ def save_run_checkpoint(
     import deepspeed.comm as dist
 
     tag = tag_for_step(step)
-    if read_latest_tag(ckpt_dir) == tag:
+    decision = [read_latest_tag(ckpt_dir) == tag if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(decision, src=0)  # every rank follows rank 0's view
+    if decision[0]:
         return tag  # this exact state is already the latest checkpoint
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
@@ -106,6 +108,18 @@ def save_run_checkpoint(
                 shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def read_model_states(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Rank 0's model-states file of a tag (named `zero_pp_rank_0_...` under ZeRO-3)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = ckpt_dir / tag / name
+        if path.exists():
+            # A file dstrain wrote: DeepSpeed pickles its own objects into it.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    raise DstrainError(
+        f"{ckpt_dir / tag} is not a complete DeepSpeed checkpoint (no rank-0 model states file)."
+    )
 
 
 def resolve_checkpoint(spec: str | Path) -> tuple[Path, str]:

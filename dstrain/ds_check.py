@@ -540,6 +540,15 @@ class _Checker:
             self.add(path, message, fix)
 
 
+def precision_of(config: dict[str, Any]) -> str:
+    """`fp16`, `bf16` or `fp32`: what DeepSpeed trains in for this config."""
+    if (config.get("fp16") or {}).get("enabled") is True:
+        return "fp16"
+    if (config.get("bf16") or config.get("bfloat16") or {}).get("enabled") is True:
+        return "bf16"
+    return "fp32"
+
+
 def check_batch_arithmetic(
     train_batch_size: int | None,
     micro_batch: int | None,

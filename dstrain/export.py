@@ -13,14 +13,14 @@ import contextlib
 import io
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dstrain.architectures import GenSLMArchitecture
-from dstrain.checkpoints import resolve_checkpoint
+from dstrain.checkpoints import read_model_states, resolve_checkpoint
 from dstrain.errors import DstrainError
 
 
@@ -30,22 +30,6 @@ class ExportResult:
     architecture: str
     num_params: int
     step: int | None
-
-
-def architecture_to_dict(arch: GenSLMArchitecture) -> dict[str, Any]:
-    return {f.name: getattr(arch, f.name) for f in fields(arch)}
-
-
-def _model_states(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """Rank 0's model-states file (named `zero_pp_rank_0_...` under ZeRO-3)."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        path = ckpt_dir / tag / name
-        if path.exists():
-            # A file this project wrote (DeepSpeed pickles its own objects into it).
-            return torch.load(path, map_location="cpu", weights_only=False)
-    raise DstrainError(
-        f"{ckpt_dir / tag} is not a complete DeepSpeed checkpoint (no rank-0 model states file)."
-    )
 
 
 def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any]):
@@ -72,7 +56,7 @@ def export_checkpoint(
     from dstrain.model import build_model, load_state_dict_strictly
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    states = _model_states(ckpt_dir, tag)
+    states = read_model_states(ckpt_dir, tag)
     meta = states.get("dstrain") or {}
     if "architecture" not in meta:
         raise DstrainError(
@@ -84,8 +68,20 @@ def export_checkpoint(
     model = build_model(arch)
     load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise DstrainError(f"{out_dir} exists; pass --overwrite to replace it.")
+    if out_dir.exists():
+        if not overwrite:
+            raise DstrainError(f"{out_dir} exists; pass --overwrite to replace it.")
+        resolved = out_dir.resolve()
+        if resolved == ckpt_dir.resolve() or resolved in ckpt_dir.resolve().parents:
+            raise DstrainError(
+                f"{out_dir} holds the checkpoint being exported; choose another output "
+                "directory (e.g. RUN_DIR/export)."
+            )
+        if not (out_dir / "config.json").is_file():
+            raise DstrainError(
+                f"{out_dir} exists and is not a model directory (no config.json), so "
+                "--overwrite will not delete it; choose a new output directory."
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     from transformers.utils import logging as hf_logging

@@ -34,13 +34,14 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dstrain.ds_check import load_checked_ds_config
+from dstrain.ds_check import load_checked_ds_config, precision_of
 from dstrain.ds_config import build_ds_config, render_ds_config, write_text_atomic
 from dstrain.errors import DstrainError
 from dstrain.settings import DataSettings, TrainSettings, make_deepspeed_settings
@@ -139,6 +140,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
 DEMO_EPOCHS = 12
 """Epochs of the no-argument demo (genslm_tiny on the bundled H3N2 set): ~200 steps."""
 
+_RUN_SHAPING = (
+    "fasta",
+    "model",
+    "settings",
+    "epochs",
+    "max_steps",
+    "deepspeed_config",
+    "resume",
+    "init_checkpoint",
+)
+"""Without any of these, `dstrain train` is the bundled demo."""
+
 _DATA_FLAGS = (
     "frame",
     "on_ambiguous",
@@ -160,7 +173,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
     data: dict[str, Any] = read_settings_file(args.settings) if args.settings else {}
     data.setdefault("data", {})
-    if not (args.fasta or args.model or args.settings or args.epochs or args.max_steps):
+    if all(getattr(args, name) is None for name in _RUN_SHAPING):
         data.setdefault("epochs", DEMO_EPOCHS)  # the bundled demo: long enough to learn
     for name, value in vars(args).items():
         if value is None or name in _LAUNCH_ONLY:
@@ -172,7 +185,12 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     try:
         return TrainSettings.model_validate(data)
     except ValidationError as exc:
-        raise DstrainError(settings_error_message(exc, args.settings or "flags")) from None
+        message = settings_error_message(exc, args.settings or "flags")
+        for name in sorted(TrainSettings.model_fields, key=len, reverse=True):
+            message = message.replace(f"\n  {name}:", f"\n  --{name.replace('_', '-')}:")
+        for name in DataSettings.model_fields:
+            message = message.replace(f"\n  data.{name}:", f"\n  --{name.replace('_', '-')}:")
+        raise DstrainError(message, exit_code=2) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -226,14 +244,6 @@ def default_ds_config(*, from_scratch: bool) -> dict[str, Any]:
         "dstrain's default DeepSpeed settings",
     )
     return build_ds_config(settings)
-
-
-def precision_of(config: dict[str, Any]) -> str:
-    if (config.get("fp16") or {}).get("enabled") is True:
-        return "fp16"
-    if (config.get("bf16") or config.get("bfloat16") or {}).get("enabled") is True:
-        return "bf16"
-    return "fp32"
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -325,48 +335,46 @@ def epoch_batches(
 
 
 def evaluate(
-    engine, dataset, collate, micro: int, rank: int, world: int, dist, max_batches: int | None
+    engine, dataset, collate, micro: int, rank: int, world: int, max_batches: int | None, all_reduce
 ) -> tuple[float, int]:
-    """Pad-masked validation loss: mean over every real label token on every rank.
+    """Pad-masked validation loss: mean over every real next-codon token on every rank.
 
-    Each rank takes examples rank, rank + world, ...; every rank runs the same number of
-    forwards (ZeRO-3 gathers parameters collectively), padding with zero-weight repeats.
+    Labels come from the attention mask, so pads never count, whatever --loss-on-pad says
+    for training. Each rank takes examples rank, rank + world, ...; every rank runs the
+    same number of forwards (ZeRO-3 gathers parameters collectively), padding with
+    zero-weight repeats. `all_reduce(values, op)` sums floats over ranks.
     """
+    import deepspeed.comm as dist
     import torch
     import torch.nn.functional as F
 
-    n = len(dataset)
-    mine = list(range(rank, n, world))
+    from dstrain.batching import IGNORE_INDEX
+
+    mine = list(range(rank, len(dataset), world))
     batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-    count = torch.tensor([len(batches)], dtype=torch.long)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    num_batches = int(count.item()) if max_batches is None else min(int(count.item()), max_batches)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+    most = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
+    num_batches = most if max_batches is None else min(most, max_batches)
+    loss_sum, tokens = 0.0, 0.0
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
             weight = 1.0 if i < len(batches) else 0.0
-            indices = batches[i] if i < len(batches) else [0]
-            batch = collate([dataset[j] for j in indices])
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            logits = engine(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            ).logits
-            labels = batch["labels"][:, 1:]
-            loss_sum = F.cross_entropy(
+            batch = collate([dataset[j] for j in (batches[i] if weight else [0])])
+            ids = batch["input_ids"].to(engine.device)
+            mask = batch["attention_mask"].to(engine.device)
+            logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)),
                 labels.reshape(-1),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
-            totals[0] += weight * loss_sum.double().cpu()
-            totals[1] += weight * (labels != -100).sum().double().cpu()
+            loss_sum += weight * loss.item()
+            tokens += weight * (labels != IGNORE_INDEX).sum().item()
     engine.train()
-    dist.all_reduce(totals)
-    tokens = int(totals[1].item())
-    return (totals[0].item() / tokens if tokens else float("nan")), tokens
+    loss_sum, tokens = all_reduce([loss_sum, tokens])
+    return (loss_sum / tokens if tokens else float("nan")), int(tokens)
 
 
 # --------------------------------------------------------------------------------------
@@ -375,7 +383,8 @@ def evaluate(
 
 
 class StopRequest:
-    """SIGTERM / SIGINT: finish the current optimizer step, save, exit 0."""
+    """SIGTERM / SIGINT: finish the current optimizer step, save, exit 0. A second signal
+    gets the default handler (Ctrl-C twice stops at once)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -389,6 +398,7 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
 
 
 class Fp16Guard:
@@ -434,10 +444,33 @@ def current_loss_scale(engine, precision: str) -> float | None:
     return float(scale) if scale is not None else None
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN or inf: write them as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean loss) as a float (upstream took exp of the integer-truncated loss)."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early, on every rank, if the run directory cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise DstrainError(
+            f"cannot write to the output directory {output_dir}: {exc.strerror or exc}. "
+            "Pick a writable --output-dir."
+        ) from None
+
+
 def run(settings: TrainSettings) -> int:
-    rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    log = RankZeroLog(rank)
     output_dir = Path(settings.output_dir)
 
     # 1. The DeepSpeed config: checked strictly before anything is built.
@@ -450,15 +483,15 @@ def run(settings: TrainSettings) -> int:
     else:
         ds_config = default_ds_config(from_scratch=settings.init_checkpoint is None)
         config_source = "dstrain defaults (written to ds_config.json)"
-    precision = precision_of(ds_config)
     for monitor in ("csv_monitor", "tensorboard"):
         block = ds_config.get(monitor)
         if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
             block["output_path"] = str(output_dir / "monitor")  # "" means the run's directory
+    check_output_dir(output_dir)
 
     # 2. Processes.
     import deepspeed
-    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     from dstrain.architectures import resolve_architecture
     from dstrain.ds_runtime import prepare_deepspeed
@@ -468,403 +501,573 @@ def run(settings: TrainSettings) -> int:
         raise DstrainError(f"{arch.name} cannot be trained: {arch.why_not_buildable}")
     prepare_deepspeed(timeout_s=settings.timeout_s)
     deepspeed.init_distributed(timeout=timedelta(seconds=settings.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    log.rank = rank
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     stop = StopRequest()
     restore_signals = stop.install()
     try:
-        return _train(
-            settings, ds_config, config_source, precision, arch, stop, log, rank, world, output_dir
-        )
+        trainer = Trainer(settings, ds_config, config_source, arch, stop)
+        return trainer.fit()
     finally:
         restore_signals()
 
 
-def _train(
-    settings, ds_config, config_source, precision, arch, stop, log, rank, world, output_dir
-) -> int:
-    import deepspeed
-    import deepspeed.comm as dist
-    import torch
+class Trainer:
+    """One run around one DeepSpeed engine. `fit` reads top to bottom: output, data, model
+    and engine, plan, resume, banner, loop, finish; the other methods are its steps."""
 
-    from dstrain.batching import CodonCollator, CodonDataset, count_tokens
-    from dstrain.checkpoints import (
-        capture_rng_state,
-        load_run_checkpoint,
-        read_latest_tag,
-        resolve_checkpoint,
-        restore_rng_state,
-        save_run_checkpoint,
-    )
-    from dstrain.export import architecture_to_dict, export_checkpoint
-    from dstrain.memory import format_peak_comparison, format_run_banner
-    from dstrain.model import build_model, load_init_checkpoint
+    def __init__(
+        self,
+        settings: TrainSettings,
+        ds_config: dict[str, Any],
+        config_source: str,
+        arch,
+        stop: StopRequest,
+    ):
+        import deepspeed.comm as dist
 
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output_dir / "ds_config.json", render_ds_config(ds_config))
-        write_text_atomic(output_dir / "settings.json", settings.model_dump_json(indent=2) + "\n")
-    ckpt_dir = output_dir / "checkpoints"
+        self.settings, self.ds_config, self.config_source = settings, ds_config, config_source
+        self.arch, self.stop, self.dist = arch, stop, dist
+        self.precision = precision_of(ds_config)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.log = RankZeroLog(self.rank)
+        self.output_dir = Path(settings.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.loop = {
+            "epoch": 0,
+            "micro_in_epoch": 0,
+            "samples_seen": 0,
+            "tokens_seen": 0,
+            "useful_tokens_seen": 0,
+            "best_val_loss": None,
+            "last_val_loss": None,
+        }
+        self.last_eval_step: int | None = None
+        self.metrics = None
+        self.bar = None
 
-    # 3. Data.
-    prepared, sources, cache_dir = load_data(settings, output_dir, rank, dist)
-    data_settings = prepared.settings.model_copy(
-        update={"padding": settings.data.padding, "loss_on_pad": settings.data.loss_on_pad}
-    )
-    train_set, val_set = CodonDataset(prepared.train), CodonDataset(prepared.val)
-    collate = CodonCollator.from_settings(data_settings)
+    # -- fit ------------------------------------------------------------------------------
 
-    # 4. Model.
-    torch.manual_seed(settings.seed)
-    model = build_model(arch)
-    if settings.init_checkpoint:
-        load_init_checkpoint(
-            model, settings.init_checkpoint, trust_checkpoint=settings.trust_checkpoint
+    def fit(self) -> int:
+        self.write_run_files()
+        self.load_data()
+        self.build_engine()
+        self.plan()
+        self.resume()
+        self.banner()
+        self.open_telemetry()
+        try:
+            stopped_by = self.train_loop()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.log.bar = None
+        if stopped_by:
+            self.log(f"{stopped_by}: stopping after step {self.engine.global_steps}; saving")
+            if self.engine.global_steps > self.start_step:
+                self.save()
+            self.close_telemetry()
+            self.log(f"saved; resume with --resume auto --output-dir {self.output_dir}")
+            return 0
+        self.finish()
+        return 0
+
+    def write_run_files(self) -> None:
+        if self.rank == 0:
+            write_text_atomic(self.output_dir / "ds_config.json", render_ds_config(self.ds_config))
+            write_text_atomic(
+                self.output_dir / "settings.json", self.settings.model_dump_json(indent=2) + "\n"
+            )
+
+    def load_data(self) -> None:
+        from dstrain.batching import CodonCollator, CodonDataset
+
+        prepared, self.sources, self.cache_dir = load_data(
+            self.settings, self.output_dir, self.rank, self.dist
         )
-    model.config.use_cache = False
-    if "activation_checkpointing" in ds_config:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    weight_decay = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay", 0.0)
-
-    # 5. Engine.
-    try:
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+        self.prepared = prepared
+        self.data_settings = prepared.settings.model_copy(
+            update={
+                "padding": self.settings.data.padding,
+                "loss_on_pad": self.settings.data.loss_on_pad,
+            }
         )
-    except ValueError as exc:
-        if "not supported on your device" not in str(exc):
-            raise
-        raise DstrainError(
-            f"{precision} is not supported on this device ({exc}). fp16 needs a GPU; on "
-            "CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
-        ) from None
-    micro = engine.train_micro_batch_size_per_gpu()
-    accum = engine.gradient_accumulation_steps()
-    micro_per_epoch = math.ceil(math.ceil(len(train_set) / world) / micro)
-    if settings.max_steps is not None:
-        total_steps = settings.max_steps
-    else:
-        total_steps = max(1, int(settings.epochs * micro_per_epoch) // accum)
+        self.train_set = CodonDataset(prepared.train)
+        self.val_set = CodonDataset(prepared.val)
+        self.collate = CodonCollator.from_settings(self.data_settings)
 
-    # 6. Resume.
-    state = {
-        "epoch": 0,
-        "micro_in_epoch": 0,
-        "samples_seen": 0,
-        "tokens_seen": 0,
-        "useful_tokens_seen": 0,
-        "best_val_loss": None,
-        "last_val_loss": None,
-    }
-    resume_from = None
-    if settings.resume == "auto":
-        if read_latest_tag(ckpt_dir) is not None:
-            resume_from = resolve_checkpoint(ckpt_dir)
-    elif settings.resume:
-        resume_from = resolve_checkpoint(settings.resume)
-    if resume_from is not None:
-        client = load_run_checkpoint(engine, *resume_from).get("dstrain", {})
-        state.update(client.get("loop", {}))
-        rng = client.get("rng", {}).get(str(rank))
+    def build_engine(self) -> None:
+        import deepspeed
+        import torch
+
+        from dstrain.model import build_model, load_init_checkpoint
+
+        torch.manual_seed(self.settings.seed)
+        model = build_model(self.arch)
+        if self.settings.init_checkpoint:
+            load_init_checkpoint(
+                model,
+                self.settings.init_checkpoint,
+                trust_checkpoint=self.settings.trust_checkpoint,
+            )
+        model.config.use_cache = False
+        if "activation_checkpointing" in self.ds_config:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        params = (self.ds_config.get("optimizer") or {}).get("params") or {}
+        groups = param_groups(model, params.get("weight_decay", 0.0))
+        try:
+            self.engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=groups, config=self.ds_config
+            )
+        except ValueError as exc:
+            if "not supported on your device" not in str(exc):
+                raise
+            raise DstrainError(
+                f"{self.precision} is not supported on this device ({exc}). fp16 needs a "
+                "GPU; on CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
+            ) from None
+        self.micro = self.engine.train_micro_batch_size_per_gpu()
+        self.accum = self.engine.gradient_accumulation_steps()
+
+    def plan(self) -> None:
+        """Optimizer steps to run, and the epoch tail that cannot make a full window."""
+        self.micro_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.world) / self.micro)
+        self.unused_tail = 0
+        if self.settings.max_steps is not None:
+            self.total_steps = self.settings.max_steps
+            return
+        planned_micro = int(self.settings.epochs * self.micro_per_epoch)
+        self.total_steps, self.unused_tail = divmod(planned_micro, self.accum)
+        if self.total_steps == 0:
+            raise same_on_all_ranks(
+                DstrainError(
+                    f"no optimizer step would run: {self.settings.epochs:g} epoch(s) give "
+                    f"{planned_micro} micro-batch(es) per rank ({len(self.train_set)} examples / "
+                    f"{self.world} ranks / micro batch {self.micro}) but gradient_accumulation_steps "
+                    f"is {self.accum}. Raise --epochs, or lower the micro batch or accumulation."
+                )
+            )
+
+    def resume(self) -> None:
+        from dstrain.checkpoints import load_run_checkpoint, restore_rng_state
+
+        self.start_step = 0
+        where, failure = None, None
+        if self.rank == 0:
+            try:
+                where = self._resume_point()
+                if where is not None:
+                    self._check_resume_compatible(*where)
+            except DstrainError as exc:
+                failure = str(exc)
+        all_ranks_agree(self.dist, failure)
+        decision = [where]
+        self.dist.broadcast_object_list(decision, src=0)
+        if decision[0] is None:
+            return
+        ckpt_dir, tag = decision[0]
+        client = load_run_checkpoint(self.engine, ckpt_dir, tag).get("dstrain", {})
+        self.loop.update(client.get("loop", {}))
+        rng = client.get("rng", {}).get(str(self.rank))
         if rng is not None:
             restore_rng_state(rng)
-        log(f"resumed from {resume_from[0] / resume_from[1]} at step {engine.global_steps}")
+        self.start_step = self.engine.global_steps
+        self._truncate_metrics(self.start_step)
+        self.log(f"resumed from {ckpt_dir / tag} at step {self.start_step}")
 
-    # 7. Banner.
-    seq_per_step = micro * accum * world
-    mean_len = prepared.train.num_tokens / max(1, len(prepared.train))
-    log(
-        f"dstrain | {arch.name} ({arch.num_params():,} params) | {precision} | "
-        f"ZeRO-{engine.zero_optimization_stage()} | world size {world} | "
-        f"device {engine.device}"
-    )
-    log(f"  config: {config_source}")
-    log(
-        f"  data: {len(train_set)} train / {len(val_set)} val examples "
-        f"({prepared.train.num_tokens:,} train codons, mean {mean_len:.0f}) from "
-        f"{len(sources)} file(s); cache {cache_dir}"
-        f"{' (reused)' if prepared.reused else ''}"
-    )
-    log(
-        f"  batch: {micro} micro x {accum} accum x {world} ranks = {seq_per_step} sequences "
-        f"= ~{seq_per_step * mean_len:,.0f} codons per step; padding {data_settings.padding}"
-        f"{', loss on pads' if data_settings.loss_on_pad else ''}"
-    )
-    log(
-        f"  steps: {engine.global_steps} -> {total_steps} ({micro_per_epoch} micro-batches "
-        f"per epoch per rank)"
-    )
-    longest = (
-        data_settings.max_length
-        if data_settings.padding == "max_length"
-        else int(prepared.train.lengths().max())
-    )
-    estimate = estimate_run_memory(arch, ds_config, world, longest, micro)
-    for line in format_run_banner(estimate).splitlines():
-        log(f"  {line}")
-    log(f"  outputs: {output_dir}")
+    def _resume_point(self):
+        from dstrain.checkpoints import read_latest_tag, resolve_checkpoint
 
-    # 8. Loop.
-    fp16_block = ds_config.get("fp16") or {}
-    guard = Fp16Guard(
-        settings.skip_window,
-        settings.max_skipped_share,
-        float(fp16_block.get("min_loss_scale", 1.0)),
-    )
-    metrics_path = output_dir / "metrics.jsonl"
-    metrics = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
-    bar = None
-    if rank == 0 and settings.progress:
-        from tqdm import tqdm
+        if self.settings.resume == "auto":
+            return resolve_checkpoint(self.ckpt_dir) if read_latest_tag(self.ckpt_dir) else None
+        return resolve_checkpoint(self.settings.resume) if self.settings.resume else None
 
-        bar = tqdm(
-            total=total_steps,
-            initial=engine.global_steps,
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        log.bar = bar
-    start_time = time.time()
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "useful": 0, "samples": 0, "t0": time.time()}
-    last_eval_step = None
-    dropped_tail = 0
-    stopped_by = None
-    val_loss = state["last_val_loss"]
+    def _check_resume_compatible(self, ckpt_dir: Path, tag: str) -> None:
+        """The checkpoint must come from the same model, data, seed and batch layout."""
+        from dstrain.checkpoints import read_model_states
 
-    def write_row(row: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
-    def client_state() -> dict[str, Any]:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, capture_rng_state())
-        return {
-            "dstrain": {
-                "architecture": architecture_to_dict(arch),
-                "step": engine.global_steps,
-                "loop": dict(state),
-                "rng": {str(r): s for r, s in enumerate(rngs)},
-                "data_settings": data_settings.model_dump(),
-                "seed": settings.seed,
-            }
-        }
-
-    def run_eval() -> float:
-        nonlocal last_eval_step, val_loss
-        loss, tokens = evaluate(
-            engine, val_set, collate, micro, rank, world, dist, settings.max_eval_batches
-        )
-        last_eval_step = engine.global_steps
-        val_loss = loss
-        state["last_val_loss"] = loss
-        if not math.isnan(loss) and (
-            state["best_val_loss"] is None or loss < state["best_val_loss"]
-        ):
-            state["best_val_loss"] = loss
-        row = {
-            "step": engine.global_steps,
-            "val_loss": loss,
-            "val_perplexity": math.exp(loss) if not math.isnan(loss) else None,
-            "val_tokens": tokens,
-            "elapsed_s": round(time.time() - start_time, 3),
-        }
-        write_row(row)
-        log(
-            f"step {engine.global_steps}: val_loss {loss:.4f}, perplexity "
-            f"{row['val_perplexity'] if row['val_perplexity'] is None else round(row['val_perplexity'], 3)}"
-        )
-        return loss
-
-    def save() -> None:
-        save_run_checkpoint(
-            engine,
-            ckpt_dir,
-            engine.global_steps,
-            client_state(),
-            val_loss=val_loss if last_eval_step == engine.global_steps else None,
-            keep_best=settings.keep_best,
-        )
-
-    def on_optimizer_step(epoch_pos: float) -> None:
-        step = engine.global_steps
-        skipped_now = engine.skipped_steps > on_optimizer_step.skipped
-        on_optimizer_step.skipped = engine.skipped_steps
-        scale = current_loss_scale(engine, precision)
-        if skipped_now:
-            log(f"step {step}: gradient overflow, step skipped; loss scale now {scale}")
-        guard.check(step, skipped_now, scale)
-        if step % settings.log_every == 0 or step == total_steps:
-            sums = torch.tensor(
-                [
-                    window["loss"],
-                    window["micro"],
-                    window["tokens"],
-                    window["useful"],
-                    window["samples"],
-                ],
-                dtype=torch.float64,
+        saved = read_model_states(ckpt_dir, tag).get("dstrain") or {}
+        now = self.run_identity()
+        diffs = [
+            f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
+            for key, value in now.items()
+            if key in saved and saved[key] != value
+        ]
+        if diffs:
+            raise DstrainError(
+                f"cannot resume from {ckpt_dir / tag}: it was written by a different run "
+                f"({'; '.join(diffs)}). Resume with the same settings, or start a new "
+                "--output-dir (use --init-checkpoint with an export to keep the weights)."
             )
-            dist.all_reduce(sums)
-            elapsed = max(time.time() - window["t0"], 1e-9)
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that saved the checkpoint."""
+        return {
+            "architecture": self.arch.to_dict(),
+            "seed": self.settings.seed,
+            "data_settings": self.data_settings.model_dump(exclude={"padding", "loss_on_pad"}),
+            "sources": self.prepared.manifest.get("sources"),
+            "batch": {"micro": self.micro, "accum": self.accum, "world": self.world},
+        }
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows past the resumed step (written before a crash)."""
+        path = self.output_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def banner(self) -> None:
+        from dstrain.memory import format_run_banner
+
+        log, arch, engine, prepared = self.log, self.arch, self.engine, self.prepared
+        seq_per_step = self.micro * self.accum * self.world
+        mean_len = prepared.train.num_tokens / max(1, len(prepared.train))
+        log(
+            f"dstrain | {arch.name} ({arch.num_params():,} params) | {self.precision} | "
+            f"ZeRO-{engine.zero_optimization_stage()} | world size {self.world} | "
+            f"device {engine.device}"
+        )
+        log(f"  config: {self.config_source}")
+        log(
+            f"  data: {len(self.train_set)} train / {len(self.val_set)} val examples "
+            f"({prepared.train.num_tokens:,} train codons, mean {mean_len:.0f}) from "
+            f"{len(self.sources)} file(s); cache {self.cache_dir}"
+            f"{' (reused)' if prepared.reused else ''}"
+        )
+        if len(self.val_set) == 0:
+            log("  no validation examples (--val-fraction or too few records): no evaluation")
+        log(
+            f"  batch: {self.micro} micro x {self.accum} accum x {self.world} ranks = "
+            f"{seq_per_step} sequences = ~{seq_per_step * mean_len:,.0f} codons per step; "
+            f"padding {self.data_settings.padding}"
+            f"{', loss on pads' if self.data_settings.loss_on_pad else ''}"
+        )
+        tail = (
+            f"; the last {self.unused_tail} micro-batch(es) of the final epoch make a "
+            "partial accumulation window and are not used"
+            if self.unused_tail
+            else ""
+        )
+        log(
+            f"  steps: {engine.global_steps} -> {self.total_steps} ({self.micro_per_epoch} "
+            f"micro-batches per epoch per rank{tail})"
+        )
+        longest = (
+            self.data_settings.max_length
+            if self.data_settings.padding == "max_length"
+            else int(prepared.train.lengths().max())
+        )
+        self.estimate = estimate_run_memory(arch, self.ds_config, self.world, longest, self.micro)
+        for line in format_run_banner(self.estimate).splitlines():
+            log(f"  {line}")
+        log(f"  outputs: {self.output_dir}")
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def open_telemetry(self) -> None:
+        fp16 = self.ds_config.get("fp16") or {}
+        self.guard = Fp16Guard(
+            self.settings.skip_window,
+            self.settings.max_skipped_share,
+            float(fp16.get("min_loss_scale", 1.0)),
+        )
+        self.skipped_seen = self.engine.skipped_steps
+        self.start_time = time.time()
+        self.restart_window()
+        if self.rank != 0:
+            return
+        self.metrics = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self.settings.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=self.engine.global_steps,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            self.log.bar = self.bar
+
+    def close_telemetry(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def restart_window(self) -> None:
+        """Start a new throughput window (after a log row, an evaluation or a save)."""
+        self.window = [0.0] * 5  # loss sum, micro-batches, tokens, real tokens, samples
+        self.window_t0 = time.time()
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+            self.metrics.write(json.dumps(clean, allow_nan=False) + "\n")
+            self.metrics.flush()
+
+    def all_reduce(self, values: list[float], op=None) -> list[float]:
+        """Sum (or `op`) floats over ranks, on the engine's device (NCCL needs CUDA)."""
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        self.dist.all_reduce(tensor, op=op or self.dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def log_step(self, epoch_pos: float) -> None:
+        import torch
+
+        engine, step = self.engine, self.engine.global_steps
+        skipped_now = engine.skipped_steps > self.skipped_seen
+        self.skipped_seen = engine.skipped_steps
+        scale = current_loss_scale(engine, self.precision)
+        if skipped_now:
+            self.log(f"step {step}: gradient overflow, step skipped; loss scale now {scale}")
+        self.guard.check(step, skipped_now, scale)
+        if step % self.settings.log_every == 0 or step == self.total_steps:
+            loss, micro, tokens, useful, samples = self.all_reduce(self.window)
+            elapsed = max(time.time() - self.window_t0, 1e-9)
             grad_norm = engine.get_global_grad_norm()
             row = {
                 "step": step,
                 "epoch": round(epoch_pos, 4),
-                "loss": sums[0].item() / max(sums[1].item(), 1),
+                "loss": loss / max(micro, 1),
                 "lr": engine.get_lr()[0],
                 "loss_scale": scale,
                 "skipped_steps": engine.skipped_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": sums[4].item() / elapsed,
-                "useful_tokens_per_s": sums[3].item() / elapsed,
-                "tokens_per_s": sums[2].item() / elapsed,
-                "elapsed_s": round(time.time() - start_time, 3),
+                "samples_per_s": samples / elapsed,
+                "useful_tokens_per_s": useful / elapsed,
+                "tokens_per_s": tokens / elapsed,
+                "elapsed_s": round(time.time() - self.start_time, 3),
             }
             if torch.cuda.is_available():
                 row["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
             else:
                 row["rss_bytes"] = rss_bytes()
-            write_row(row)
-            if bar is not None:
-                bar.set_postfix(
+            self.write_row(row)
+            if self.bar is not None:
+                self.bar.set_postfix(
                     loss=f"{row['loss']:.4f}",
                     lr=f"{row['lr']:.2e}",
                     tok_s=f"{row['useful_tokens_per_s']:.0f}",
                     refresh=False,
                 )
-            window.update(loss=0.0, micro=0, tokens=0, useful=0, samples=0, t0=time.time())
-        if bar is not None:
-            bar.update(1)
+            self.restart_window()
+        if self.bar is not None:
+            self.bar.update(1)
 
-    on_optimizer_step.skipped = engine.skipped_steps
-    engine.train()
-    try:
-        epoch = state["epoch"]
-        position = state["micro_in_epoch"]
-        done = engine.global_steps >= total_steps
-        while not done:
-            batches = epoch_batches(len(train_set), micro, epoch, settings.seed, rank, world)
-            for index in range(position, len(batches)):
-                batch = collate([train_set[i] for i in batches[index]])
-                counts = count_tokens(batch)
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                loss = engine(**batch, use_cache=False).loss
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                engine.step()
-                window["loss"] += loss.item()
-                window["micro"] += 1
-                window["tokens"] += counts.num_tokens
-                window["useful"] += counts.num_real_tokens
-                window["samples"] += len(batches[index])
-                state["micro_in_epoch"] = index + 1
-                state["samples_seen"] += len(batches[index])
-                state["tokens_seen"] += counts.num_tokens
-                state["useful_tokens_seen"] += counts.num_real_tokens
-                if not boundary:
-                    continue
-                on_optimizer_step(epoch + (index + 1) / len(batches))
-                step = engine.global_steps
-                flag = torch.tensor([1.0 if stop.signal_name else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() > 0:
-                    stopped_by = stop.signal_name or "a signal on another rank"
-                    done = True
-                    break
-                if settings.eval_every and step % settings.eval_every == 0 and step < total_steps:
-                    run_eval()
-                    if settings.save_every == 0:
-                        save()
-                if settings.save_every and step % settings.save_every == 0 and step < total_steps:
-                    save()
-                if step >= total_steps:
-                    done = True
-                    break
-            else:
-                epoch += 1
-                position = 0
-                state["epoch"], state["micro_in_epoch"] = epoch, 0
-                if settings.max_steps is None and epoch >= math.ceil(settings.epochs):
-                    dropped_tail = engine.micro_steps % accum
-                    done = True
-    except Exception as exc:
-        if "loss scale already at minimum" in str(exc):
-            raise DstrainError(
-                f"fp16 training stopped at step {engine.global_steps}: DeepSpeed reports the "
-                f"loss scale is at its minimum and gradients still overflow. " + Fp16Guard.ADVICE
-            ) from None
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-            log.bar = None
+    # -- the loop ----------------------------------------------------------------------------
 
-    if dropped_tail:
-        log(
-            f"the last {dropped_tail} micro-batch(es) formed a partial accumulation window "
-            f"and were dropped (not stepped)"
-        )
-    if stopped_by:
-        log(f"{stopped_by}: stopping after step {engine.global_steps}; saving a checkpoint")
-        save()
-        if metrics is not None:
-            metrics.close()
-        log(f"saved; resume with --resume auto --output-dir {output_dir}")
-        return 0
+    def train_loop(self) -> str | None:
+        """Micro-batches until total_steps; returns the signal name if one stopped it."""
+        from dstrain.batching import count_tokens
 
-    # 9. Final evaluation, checkpoint, export.
-    if last_eval_step != engine.global_steps:
-        run_eval()
-    save()
-    if settings.dump_params:
-        dump_full_params(engine, output_dir / f"params_rank{rank}.pt")
-    export_dir = None
-    if settings.export and rank == 0:
-        export_dir = output_dir / "export"
+        engine, settings, loop = self.engine, self.settings, self.loop
+        if self.stop_requested():
+            return self.stop.signal_name or "a signal on another rank"
+        engine.train()
         try:
-            export_checkpoint(ckpt_dir, export_dir, export_pt=settings.export_pt)
-        except DstrainError as exc:
-            log(
-                f"export skipped: {exc} Run `dstrain export {ckpt_dir} -o DIR` where every "
-                "rank's checkpoint files are visible."
+            while engine.global_steps < self.total_steps:
+                batches = epoch_batches(
+                    len(self.train_set),
+                    self.micro,
+                    loop["epoch"],
+                    settings.seed,
+                    self.rank,
+                    self.world,
+                )
+                for index in range(loop["micro_in_epoch"], len(batches)):
+                    batch = self.collate([self.train_set[i] for i in batches[index]])
+                    counts = count_tokens(batch)
+                    batch = {k: v.to(engine.device) for k, v in batch.items()}
+                    loss = engine(**batch, use_cache=False).loss
+                    engine.backward(loss)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    engine.step()
+                    for i, value in enumerate(
+                        (
+                            loss.item(),
+                            1,
+                            counts.num_tokens,
+                            counts.num_real_tokens,
+                            len(batches[index]),
+                        )
+                    ):
+                        self.window[i] += value
+                    loop["micro_in_epoch"] = index + 1
+                    loop["samples_seen"] += len(batches[index])
+                    loop["tokens_seen"] += counts.num_tokens
+                    loop["useful_tokens_seen"] += counts.num_real_tokens
+                    if not boundary:
+                        continue
+                    self.log_step(loop["epoch"] + (index + 1) / len(batches))
+                    if self.stop_requested():
+                        return self.stop.signal_name or "a signal on another rank"
+                    if engine.global_steps >= self.total_steps:
+                        return None
+                    self.periodic_eval_and_save()
+                loop["epoch"] += 1
+                loop["micro_in_epoch"] = 0
+        except Exception as exc:
+            if "loss scale already at minimum" in str(exc):
+                raise DstrainError(
+                    f"fp16 training stopped at step {engine.global_steps}: DeepSpeed reports "
+                    "the loss scale is at its minimum and gradients still overflow. "
+                    + Fp16Guard.ADVICE
+                ) from None
+            raise
+        return None
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT (all ranks must stop at the same step)."""
+        return (
+            self.all_reduce([1.0 if self.stop.signal_name else 0.0], op=self.dist.ReduceOp.MAX)[0]
+            > 0
+        )
+
+    def periodic_eval_and_save(self) -> None:
+        step, settings = self.engine.global_steps, self.settings
+        evaluated = settings.eval_every and step % settings.eval_every == 0
+        if evaluated:
+            self.run_eval()
+        if (settings.save_every and step % settings.save_every == 0) or (
+            evaluated and settings.save_every == 0
+        ):
+            self.save()
+        self.restart_window()  # evaluation and saving are not training throughput
+
+    def run_eval(self) -> float | None:
+        if len(self.val_set) == 0:
+            return None
+        loss, tokens = evaluate(
+            self.engine,
+            self.val_set,
+            self.collate,
+            self.micro,
+            self.rank,
+            self.world,
+            self.settings.max_eval_batches,
+            self.all_reduce,
+        )
+        step = self.engine.global_steps
+        self.last_eval_step = step
+        self.loop["last_val_loss"] = loss
+        best = self.loop["best_val_loss"]
+        if math.isfinite(loss) and (best is None or loss < best):
+            self.loop["best_val_loss"] = loss
+        ppl = perplexity(loss)
+        self.write_row(
+            {
+                "step": step,
+                "val_loss": loss,
+                "val_perplexity": ppl,
+                "val_tokens": tokens,
+                "elapsed_s": round(time.time() - self.start_time, 3),
+            }
+        )
+        self.log(
+            f"step {step}: val_loss {loss:.4f}, perplexity {'n/a' if ppl is None else f'{ppl:.3f}'}"
+        )
+        return loss
+
+    def save(self) -> None:
+        from dstrain.checkpoints import capture_rng_state, save_run_checkpoint
+
+        rngs = [None] * self.world
+        self.dist.all_gather_object(rngs, capture_rng_state())
+        step = self.engine.global_steps
+        client_state = {
+            "dstrain": {
+                **self.run_identity(),
+                "step": step,
+                "loop": dict(self.loop),
+                "rng": {str(r): s for r, s in enumerate(rngs)},
+            }
+        }
+        val_loss = self.loop["last_val_loss"] if self.last_eval_step == step else None
+        save_run_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            step,
+            client_state,
+            val_loss=finite_or_none(val_loss),
+            keep_best=self.settings.keep_best,
+        )
+
+    # -- the end --------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        import torch
+
+        from dstrain.memory import format_peak_comparison
+
+        engine, log = self.engine, self.log
+        if self.last_eval_step != engine.global_steps:
+            self.run_eval()
+        self.save()
+        if self.settings.dump_params:
+            dump_full_params(engine, self.output_dir / f"params_rank{self.rank}.pt")
+        self.dist.barrier()  # the rest is rank 0's alone: the other ranks may leave
+        if self.rank != 0:
+            return
+        export_dir = self.export()
+        elapsed = time.time() - self.start_time
+        val_loss = self.loop["last_val_loss"] if len(self.val_set) else None
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss_bytes()
+        summary = {
+            "steps": engine.global_steps,
+            "skipped_steps": engine.skipped_steps,
+            "val_loss": finite_or_none(val_loss),
+            "val_perplexity": finite_or_none(perplexity(val_loss)),
+            "best_val_loss": finite_or_none(self.loop["best_val_loss"]),
+            "samples_seen": self.loop["samples_seen"],
+            "useful_tokens_seen": self.loop["useful_tokens_seen"],
+            "tokens_seen": self.loop["tokens_seen"],
+            "elapsed_s": round(elapsed, 2),
+            "peak_memory_bytes": peak,
+        }
+        write_text_atomic(
+            self.output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"
+        )
+        self.close_telemetry()
+        if torch.cuda.is_available():
+            log(format_peak_comparison(self.estimate, peak))
+        quality = (
+            "no validation loss"
+            if summary["val_loss"] is None
+            else f"val_loss {summary['val_loss']:.4f}, perplexity "
+            f"{summary['val_perplexity'] or float('inf'):.3f}"
+        )
+        log(
+            f"done: {summary['steps']} steps ({summary['skipped_steps']} skipped) in "
+            f"{elapsed:.1f} s; {quality}; peak memory {peak / 2**20:,.0f} MiB"
+        )
+        log(
+            f"outputs: {self.output_dir}/metrics.jsonl, {self.ckpt_dir}/"
+            + (f", {export_dir} (AutoModelForCausalLM.from_pretrained)" if export_dir else "")
+        )
+
+    def export(self) -> Path | None:
+        """Rank 0: the HF export of the final checkpoint; a failure is reported, not fatal."""
+        from dstrain.export import export_checkpoint
+
+        if not self.settings.export:
+            return None
+        export_dir = self.output_dir / "export"
+        try:
+            export_checkpoint(self.ckpt_dir, export_dir, export_pt=self.settings.export_pt)
+        except Exception as exc:  # training succeeded; say why the export did not
+            self.log(
+                f"export failed ({type(exc).__name__}: {exc}). Run `dstrain export "
+                f"{self.ckpt_dir} -o DIR` where every rank's checkpoint files are visible."
             )
-            export_dir = None
-    dist.barrier()
-    elapsed = time.time() - start_time
-    summary = {
-        "steps": engine.global_steps,
-        "skipped_steps": engine.skipped_steps,
-        "val_loss": val_loss,
-        "val_perplexity": math.exp(val_loss)
-        if val_loss is not None and not math.isnan(val_loss)
-        else None,
-        "best_val_loss": state["best_val_loss"],
-        "samples_seen": state["samples_seen"],
-        "useful_tokens_seen": state["useful_tokens_seen"],
-        "tokens_seen": state["tokens_seen"],
-        "elapsed_s": round(elapsed, 2),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated()
-        if torch.cuda.is_available()
-        else rss_bytes(),
-    }
-    if rank == 0:
-        write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        metrics.close()
-    if torch.cuda.is_available():
-        log(format_peak_comparison(estimate, torch.cuda.max_memory_allocated()))
-    log(
-        f"done: {summary['steps']} steps ({summary['skipped_steps']} skipped) in "
-        f"{elapsed:.1f} s; val_loss {val_loss:.4f}, perplexity "
-        f"{summary['val_perplexity']:.3f}; peak memory "
-        f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"
-    )
-    log(
-        f"outputs: {output_dir}/metrics.jsonl, {ckpt_dir}/"
-        + (f", {export_dir} (AutoModelForCausalLM.from_pretrained)" if export_dir else "")
-    )
-    return 0
+            return None
+        return export_dir
 
 
 def estimate_run_memory(arch, ds_config, world: int, seq_len: int, micro: int):

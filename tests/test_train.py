@@ -645,3 +645,123 @@ def test_init_checkpoint_from_an_official_genslm_file(tmp_path, capsys, make_ups
     trained = load_params(run_dir / "params_rank0.pt")
     for name, param in source.named_parameters():
         torch.testing.assert_close(trained[name], param.detach(), atol=1e-6, rtol=0)
+
+
+def test_no_validation_split_still_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train("--output-dir", run_dir, "--max-steps", 2, "--val-fraction", 0, "--no-export") == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_loss"] is None and summary["steps"] == 2
+    assert not [r for r in rows(run_dir) if "val_loss" in r]
+
+
+def test_too_little_data_for_one_accumulation_window(tmp_path, capsys):
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        batch={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 32},
+    )
+    code = train("--deepspeed_config", config, "--output-dir", tmp_path / "run", "--epochs", 1)
+    assert code == 1
+    assert "no optimizer step would run" in capsys.readouterr().err
+
+
+def test_epoch_tail_is_announced(tmp_path, capsys):
+    # 129 train examples / micro 8 = 17 micro-batches; accumulation 4 -> 4 steps + 1 unused
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        batch={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4},
+    )
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            tmp_path / "run",
+            "--epochs",
+            1,
+            "--eval-every",
+            0,
+            "--no-export",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "0 -> 4 (17 micro-batches per epoch per rank; the last 1 micro-batch(es)" in out
+    assert train_rows(tmp_path / "run")[-1]["step"] == 4
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train("--output-dir", run_dir, "--max-steps", 2, "--no-export") == 0
+    code = train(
+        "--output-dir",
+        run_dir,
+        "--max-steps",
+        4,
+        "--resume",
+        "auto",
+        "--model",
+        "genslm_small",
+        "--seed",
+        7,
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "seed: checkpoint 0, now 7" in err
+    assert "architecture" in err
+
+
+@pytest.mark.multiproc
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    """2 ranks x micro 4 == 1 rank x micro 8 (fp32 ZeRO-2; HA records have equal lengths,
+    so the mean over ranks of per-rank means is the global mean)."""
+    from dstrain.ds_runtime import free_port
+
+    common = [
+        "--fasta",
+        str(HA_FASTA),
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--no-export",
+        "--dump-params",
+        "--no-progress",
+    ]
+    one = tmp_path / "one"
+    config8 = write_config(
+        tmp_path / "ds8.json",
+        precision="fp32",
+        zero_optimization={"stage": 2},
+        batch={"train_micro_batch_size_per_gpu": 8},
+    )
+    assert train("--deepspeed_config", config8, "--output-dir", one, *common[:-1]) == 0
+    two = tmp_path / "two"
+    config4 = write_config(
+        tmp_path / "ds4.json",
+        precision="fp32",
+        zero_optimization={"stage": 2},
+        batch={"train_micro_batch_size_per_gpu": 4},
+    )
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    result = run_process(
+        [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(TRAIN_PY),
+            "--deepspeed_config",
+            str(config4),
+            "--output-dir",
+            str(two),
+            *common,
+        ]
+    )
+    assert result.returncode == 0, result.stdout.decode()[-4000:]
+    assert_same_params(
+        load_params(one / "params_rank0.pt"), load_params(two / "params_rank0.pt"), atol=1e-5
+    )
