@@ -1,0 +1,130 @@
+"""scripts/bench.py: a quick run end to end so it cannot rot, and README's Performance table
+in step with the committed scripts/bench-results.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench.py"
+RESULTS = REPO / "scripts" / "bench-results.json"
+COMPARISONS = (  # every benchmark with a target, in a full and a quick run alike
+    "cli_help",
+    "cli_gen_config",
+    "data_prep",
+    "cache_size",
+    "throughput_genslm_tiny",
+    "loop_overhead",
+    "memory_estimate",
+)
+
+
+def load_bench():
+    """scripts/bench.py as a module (its top level imports the standard library only)."""
+    spec = importlib.util.spec_from_file_location("dstrain_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_entry(name: str, entry: dict) -> None:
+    assert isinstance(entry["met"], bool), name
+    assert math.isfinite(entry["value"]) and math.isfinite(entry["margin"]), name
+    assert entry["target"]["op"] in (">=", "<="), name
+    assert entry["verdict"].startswith("met" if entry["met"] else "missed"), name
+    assert set(entry["summary"]) == {"dstrain", "baseline", "result"}, name
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_quick_benchmark_runs_every_comparison(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    # Own session: on a timeout the whole group (torchrun and its ranks too) is killed.
+    proc = subprocess.Popen(
+        # --peak-tflops: on CPU too the MFU arithmetic and its summary run end to end.
+        [sys.executable, str(BENCH), "--quick", "--output", str(out), "--peak-tflops", "0.01"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"bench.py --quick timed out:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    assert "benchmark" in output and f"wrote {out}" in output
+
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert results["machine"]["logical_cores"] >= 1
+    assert results["versions"]["torch"] and results["versions"]["deepspeed"]
+    assert len(results["load_average"]["before"]) == 3
+    benchmarks = results["benchmarks"]
+    for name in COMPARISONS:
+        check_entry(name, benchmarks[name])
+    # Raw samples are kept, and the loops really ran and moved tokens.
+    throughput = benchmarks["throughput_genslm_tiny"]
+    for side in ("dstrain", "upstream"):
+        assert throughput["samples_useful_tokens_per_s"][side]
+        assert throughput["median_useful_tokens_per_s"][side] > 0
+    # Pad-to-2048 pushes more positions than real codons; longest padding hardly any.
+    medians = throughput["median_tokens_per_s"]
+    assert medians["upstream"] > throughput["median_useful_tokens_per_s"]["upstream"]
+    assert benchmarks["loop_overhead"]["samples_s_per_step"]["bare_loop"]
+    assert benchmarks["cache_size"]["token_file_bytes_per_codon"] == 1.0
+    assert benchmarks["memory_estimate"]["cases"]
+    # No GPU: the MFU code still ran, on CPU, and says it was skipped for real numbers.
+    mfu = benchmarks["mfu"]
+    assert mfu["runs"] and mfu["runs"][0]["mfu"] > 0
+    if not results["machine"]["gpu"]:
+        assert "skipped" in mfu
+
+
+def test_committed_results_cover_every_comparison():
+    results = json.loads(RESULTS.read_text())
+    assert results["mode"] == "full"
+    assert RESULTS.read_text().endswith("}\n")
+    for name in COMPARISONS:
+        check_entry(name, results["benchmarks"][name])
+    assert "mfu" in results["benchmarks"]
+
+
+def test_readme_performance_table_matches_results_file():
+    bench = load_bench()
+    expected = bench.render_readme_block(json.loads(RESULTS.read_text()))
+    assert bench.readme_block() == expected, (
+        "README's Performance table differs from scripts/bench-results.json; run "
+        "`python scripts/bench.py --update-readme` (or paste render_readme_block's output)"
+    )
+
+
+def test_mfu_arithmetic():
+    from dstrain.architectures import get_architecture
+
+    bench = load_bench()
+    arch = get_architecture("genslm_25M")
+    # 6 FLOPs per matmul parameter (embedding lookup excluded) + attention 12 * L * h * s.
+    matmul = 25_290_752 - 69 * 512
+    assert bench.train_flops_per_token(arch, 2048) == 6 * matmul + 12 * 8 * 512 * 2048
+    assert bench.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.bf16_peak_flops("Some Future GPU") is None
