@@ -580,7 +580,8 @@ def check_batch_arithmetic(
                 f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({micro}) x "
                 f"gradient_accumulation_steps ({gas}) x {ws_text} = {per_rank * world}",
                 f"set train_batch_size to {per_rank * world}, or drop it and let DeepSpeed "
-                "derive it",
+                "derive it (world size counts data-parallel ranks: with tensor or pipeline "
+                "parallelism pass --world-size DP)",
             )
         if world is None and tbs % per_rank:
             return (

@@ -232,14 +232,16 @@ class ActivationCheckpointing(_Node):
     memory down to roughly the layer inputs."""
 
     partition_activations: bool = False
-    """Shard the saved layer inputs across model-parallel ranks (no effect without
-    model parallelism)."""
+    """DeepSpeed's checkpointing API only (Megatron-style models): shard saved layer inputs
+    across model-parallel ranks. dstrain's GPT-NeoX recomputation does not use it."""
 
     cpu_checkpointing: bool = False
-    """Keep the saved layer inputs in host RAM (needs partition_activations)."""
+    """DeepSpeed's checkpointing API only: keep saved layer inputs in host RAM (needs
+    partition_activations). Not used by dstrain's GPT-NeoX recomputation."""
 
     contiguous_memory_optimization: bool = False
-    """Copy checkpoints into one contiguous buffer (needs partition_activations)."""
+    """DeepSpeed's checkpointing API only: one contiguous checkpoint buffer (needs
+    partition_activations). Not used by dstrain's GPT-NeoX recomputation."""
 
 
 class Monitor(_Node):

@@ -14,13 +14,13 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dstrain.ds_runtime import free_port
 from dstrain.memory import (
     MemoryInputs,
     ModelDims,
@@ -40,12 +40,6 @@ MODEL_STATE_CATEGORIES = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_two_ranks(out_dir: Path, timeout_s: float = 240) -> None:
     env = {
         **os.environ,
@@ -62,7 +56,7 @@ def _run_two_ranks(out_dir: Path, timeout_s: float = 240) -> None:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(PROBE),
         str(out_dir),
         *CASES,
