@@ -6,13 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subprocs import clean_env, run_in_session
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
@@ -49,27 +47,11 @@ def check_entry(name: str, entry: dict) -> None:
 @pytest.mark.multiproc
 def test_quick_benchmark_runs_every_comparison(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    # Own session: on a timeout the whole group (torchrun and its ranks too) is killed.
-    proc = subprocess.Popen(
-        # --peak-tflops: on CPU too the MFU arithmetic and its summary run end to end.
-        [sys.executable, str(BENCH), "--quick", "--output", str(out), "--peak-tflops", "0.01"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"bench.py --quick timed out:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    # --peak-tflops: on CPU too the MFU arithmetic and its summary run end to end.
+    command = [sys.executable, str(BENCH), "--quick", "--output", str(out), "--peak-tflops", "0.01"]
+    result = run_in_session(command, timeout=240, env=clean_env(), cwd=REPO)
+    output = result.stdout
+    assert result.returncode == 0, output[-4000:]
     assert "benchmark" in output and f"wrote {out}" in output
 
     results = json.loads(out.read_text())

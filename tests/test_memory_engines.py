@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subprocs import run_in_session
 
 from dstrain.ds_runtime import free_port
 from dstrain.memory import (
@@ -41,12 +39,6 @@ MODEL_STATE_CATEGORIES = (
 
 
 def _run_two_ranks(out_dir: Path, timeout_s: float = 240) -> None:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     cmd = [
         sys.executable,
         "-m",
@@ -61,22 +53,8 @@ def _run_two_ranks(out_dir: Path, timeout_s: float = 240) -> None:
         str(out_dir),
         *CASES,
     ]
-    # Own session: on a timeout the whole group (torchrun and its workers) is killed.
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"two-rank probe timed out after {timeout_s} s:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    result = run_in_session(cmd, timeout=timeout_s)
+    assert result.returncode == 0, result.stdout[-4000:]
 
 
 @pytest.fixture(scope="module")

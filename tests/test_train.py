@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocs import clean_env, run_in_session
 
 from dstrain.ds_config import build_ds_config, render_ds_config
 from dstrain.settings import make_deepspeed_settings
@@ -61,30 +62,8 @@ def assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def run_process(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in its own session; on timeout kill the whole group (no orphans)."""
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=subprocess_env(),
-        start_new_session=True,
-        cwd=REPO,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out: {' '.join(command)}\n{out.decode()[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, None)
+def run_process(command: list[str], timeout: float = 300):
+    return run_in_session(command, timeout=timeout, cwd=REPO)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,7 +361,7 @@ def test_export_command_on_a_checkpoint(tmp_path):
         [sys.executable, "-m", "dstrain", "export", str(run_dir), "-o", str(tmp_path / "hf")],
         capture_output=True,
         timeout=300,
-        env=subprocess_env(),
+        env=clean_env(),
         check=False,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -400,7 +379,7 @@ def test_export_command_on_a_checkpoint(tmp_path):
         ],
         capture_output=True,
         timeout=120,
-        env=subprocess_env(),
+        env=clean_env(),
         check=False,
     )
     assert missing.returncode == 1 and b"does not exist" in missing.stderr
@@ -430,14 +409,14 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
     ]
     straight = tmp_path / "straight"
     done = run_process([*common, "--output-dir", str(straight)])
-    assert done.returncode == 0, done.stdout.decode()[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:]
 
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(
         [*common, "--output-dir", str(resumed)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=subprocess_env(),
+        env=clean_env(),
         start_new_session=True,
         cwd=REPO,
     )
@@ -462,8 +441,8 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
     assert not (resumed / "params_rank0.pt").exists()
 
     again = run_process([*common, "--output-dir", str(resumed), "--resume", "auto"])
-    assert again.returncode == 0, again.stdout.decode()[-3000:]
-    assert f"at step {stopped_at}" in again.stdout.decode()
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"at step {stopped_at}" in again.stdout
     steps = [r["step"] for r in train_rows(resumed)]
     assert steps == list(range(1, 13))
     assert_same_params(
@@ -504,7 +483,7 @@ def test_two_ranks_through_the_deepspeed_launcher_agree(tmp_path, stage):
             "--no-progress",
         ]
     )
-    log = result.stdout.decode()
+    log = result.stdout
     assert result.returncode == 0, log[-4000:]
     assert "world size 2" in log
     assert_same_params(
@@ -575,7 +554,7 @@ def test_dstrain_train_hands_off_to_the_launcher(tmp_path):
             "--no-progress",
         ]
     )
-    log = result.stdout.decode()
+    log = result.stdout
     assert result.returncode == 0, log[-4000:]
     assert "launching: " in log and "--num_gpus 2" in log and "world size 2" in log
     assert_same_params(
@@ -761,7 +740,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
             *common,
         ]
     )
-    assert result.returncode == 0, result.stdout.decode()[-4000:]
+    assert result.returncode == 0, result.stdout[-4000:]
     assert_same_params(
         load_params(one / "params_rank0.pt"), load_params(two / "params_rank0.pt"), atol=1e-5
     )

@@ -1,0 +1,54 @@
+"""Child processes for tests: a clean environment, an own session, a group kill on time-out.
+
+A launcher (deepspeed, torchrun) killed alone orphans its ranks; starting it in its own
+session lets a time-out kill the whole group. Imported by the test modules (pytest puts
+tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment for a child: one thread per rank, DeepSpeed's CPU accelerator, and
+    no rendezvous variables left over from in-process engines."""
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    for key in RENDEZVOUS_VARS:
+        env.pop(key, None)
+    return env
+
+
+def run_in_session(
+    command: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd=None
+) -> subprocess.CompletedProcess:
+    """Run `command` (stdout and stderr together, as text); fail the test on time-out."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env if env is not None else clean_env(),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output, None)
