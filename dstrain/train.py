@@ -6,7 +6,8 @@ One node, 4 GPUs:
     deepspeed --num_gpus 4 dstrain/train.py --deepspeed_config ds_configs/zero2_bf16.json \
         --model genslm_25M --fasta ha.fasta --output-dir runs/ha
 Two nodes (hostfile lines `node-a slots=4`, `node-b slots=4`):
-    deepspeed --hostfile hostfiles/h dstrain/train.py --deepspeed_config ds_configs/zero2_bf16.json ...
+    deepspeed --hostfile hostfiles/two_nodes.example dstrain/train.py \
+        --deepspeed_config ds_configs/zero2_bf16.json ...
 
 The engine owns the step: per micro-batch `loss = engine(**batch).loss;
 engine.backward(loss); engine.step()`. DeepSpeed scales the loss for accumulation and for
@@ -20,9 +21,11 @@ H3N2 HA record.
 
 Epoch tail: data flows as one stream of micro-batches, epoch after epoch (each epoch
 reshuffled from seed + epoch by a DistributedSampler), so an accumulation window may span
-an epoch boundary and no example is dropped mid-run. Only when the stream ends (the last
-epoch) with a partial window pending are those few micro-batches dropped, never stepped
-with a wrong scale; the log says how many.
+an epoch boundary and no example is dropped mid-run. With --epochs the run is planned as
+floor(epochs x micro-batches per epoch / accumulation) optimizer steps: the few
+micro-batches left at the end of the final epoch (less than one window) are not used,
+never stepped with a wrong scale, and the banner says how many. With --max-steps the
+stream simply runs on until that step.
 """
 
 from __future__ import annotations
