@@ -2,7 +2,7 @@
 
 Heavy edge. Consolidates fp32 weights on the CPU with no process group: DeepSpeed's
 zero_to_fp32 for ZeRO 1-3 (it reads the fp32 master partitions of every rank), and the
-module state of `mp_rank_00_model_states.pt` for stage 0 (zero_to_fp32 cannot read those).
+fp32 masters of `mp_rank_00_model_states.pt` for stage 0 (zero_to_fp32 cannot read those).
 The result is written with `save_pretrained` (safetensors), so
 `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it.
 """
@@ -32,12 +32,28 @@ class ExportResult:
     step: int | None
 
 
-def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any]):
-    """Full fp32 weights of a checkpoint, keyed like the HF model's state_dict."""
+def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any], model):
+    """Full fp32 weights of a checkpoint, keyed like the HF model's state_dict.
+
+    ZeRO 1-3: DeepSpeed's zero_to_fp32 joins every rank's fp32 master partitions. Stage 0:
+    a 16-bit run keeps its fp32 masters in the optimizer state as one list per parameter
+    group (`fp32_groups`), in the order dstrain built the groups (`weight_decay_groups`);
+    an fp32 run's module weights are the masters.
+    """
+    from dstrain.model import weight_decay_groups
+
     stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
-        module = states["module"]
-        return {k: v.float() for k, v in module.items()}
+        state = {k: v.float() for k, v in states["module"].items()}
+        groups = (states.get("optimizer") or {}).get("fp32_groups") or []
+        names = [n for group in weight_decay_groups(model) for n in group]
+        masters = [t for group in groups if isinstance(group, list) for t in group]
+        if len(masters) == len(names) and all(
+            torch.is_tensor(t) and t.shape == state[n].shape
+            for n, t in zip(names, masters, strict=True)
+        ):
+            state.update({n: t.float() for n, t in zip(names, masters, strict=True)})
+        return state  # otherwise (fp32 runs, other layouts) the module weights
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -64,8 +80,8 @@ def export_checkpoint(
             "architecture recorded), so its model shape is unknown."
         )
     arch = GenSLMArchitecture(**meta["architecture"])
-    state = consolidated_fp32_state_dict(ckpt_dir, tag, states)
     model = build_model(arch)
+    state = consolidated_fp32_state_dict(ckpt_dir, tag, states, model)
     load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
     out_dir = Path(out_dir)
     if out_dir.exists():

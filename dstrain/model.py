@@ -144,6 +144,18 @@ def build_model(
     return model
 
 
+def weight_decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Trainable parameter names split into (decayed, not decayed), in model order:
+    matrices are decayed; biases and LayerNorm weights are not. The training loop builds
+    its optimizer groups from this, and the export maps DeepSpeed's per-group fp32 masters
+    back to names with it."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "layernorm" in name.lower() else decay).append(name)
+    return decay, no_decay
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Parameters in `model`, shared ones once; ZeRO-3 partitioned ones at full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

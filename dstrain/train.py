@@ -251,14 +251,13 @@ def default_ds_config(*, from_scratch: bool) -> dict[str, Any]:
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only; biases and LayerNorm weights are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "layernorm" in name.lower() else decay).append(param)
+    from dstrain.model import weight_decay_groups
+
+    params = dict(model.named_parameters())
+    decay, no_decay = weight_decay_groups(model)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
 
 

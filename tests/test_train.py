@@ -744,3 +744,37 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     assert_same_params(
         load_params(one / "params_rank0.pt"), load_params(two / "params_rank0.pt"), atol=1e-5
     )
+
+
+def test_bf16_stage0_export_holds_the_fp32_masters(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="bf16",
+        zero_optimization={"stage": 0},
+        batch={"train_micro_batch_size_per_gpu": 8},
+    )
+    run_dir = tmp_path / "run"
+    assert (
+        train(
+            "--deepspeed_config",
+            config,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            3,
+            "--eval-every",
+            0,
+            "--dump-params",
+        )
+        == 0
+    )
+    exported = load_file(run_dir / "export" / "model.safetensors")
+    module = load_params(run_dir / "params_rank0.pt")  # the engine's bf16 weights
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    master = exported[name]
+    assert master.dtype == torch.float32
+    assert not torch.equal(master.to(torch.bfloat16).float(), master)  # real fp32 values
+    assert torch.equal(master.to(torch.bfloat16).float(), module[name])  # bf16 = rounded master
