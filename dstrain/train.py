@@ -709,7 +709,7 @@ class Trainer:
             "architecture": self.arch.to_dict(),
             "seed": self.settings.seed,
             "data_settings": self.data_settings.model_dump(exclude={"padding", "loss_on_pad"}),
-            "sources": self.prepared.manifest.get("sources"),
+            "source_sha256": [src.get("sha256") for src in self.prepared.manifest["sources"]],
             "batch": {"micro": self.micro, "accum": self.accum, "world": self.world},
         }
 
