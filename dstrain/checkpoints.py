@@ -86,17 +86,38 @@ def save_run_checkpoint(
     val_loss: float | None,
     keep_best: int,
 ) -> str:
-    """Save a checkpoint on every rank, then (rank 0) publish it and prune old ones."""
+    """Save a checkpoint on every rank, then (rank 0) publish it and prune old ones.
+
+    Every rank writes into a staging tag (`TAG.partial`); only when all succeeded does
+    rank 0 rename it to TAG (replacing an older copy of the same step), then move
+    `latest`. A rank that fails makes every rank raise the same error, not hang.
+    """
     import deepspeed.comm as dist
 
     tag = tag_for_step(step)
-    decision = [read_latest_tag(ckpt_dir) == tag if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(decision, src=0)  # every rank follows rank 0's view
-    if decision[0]:
-        return tag  # this exact state is already the latest checkpoint
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
+    staging = f"{tag}.partial"
+    failure = None
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=staging, client_state=client_state, save_latest=False
+        )
+    except OSError as exc:
+        failure = (
+            f"rank {dist.get_rank()} could not save checkpoint {ckpt_dir / tag}: "
+            f"{exc.strerror or exc}. The last good checkpoint is untouched."
+        )
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    if any(failures):
+        if dist.get_rank() == 0:
+            shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
+        raise DstrainError(next(f for f in failures if f))
     if dist.get_rank() == 0:
+        older = ckpt_dir / f"{tag}.old"  # an earlier copy of this step, e.g. before a resume
+        if (ckpt_dir / tag).exists():
+            (ckpt_dir / tag).rename(older)
+        (ckpt_dir / staging).rename(ckpt_dir / tag)
+        shutil.rmtree(older, ignore_errors=True)
         index = [e for e in read_index(ckpt_dir) if e["tag"] != tag]
         index.append({"tag": tag, "step": step, "val_loss": val_loss})
         keep = kept_tags(index, tag, keep_best)

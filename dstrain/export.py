@@ -21,6 +21,7 @@ import torch
 
 from dstrain.architectures import GenSLMArchitecture
 from dstrain.checkpoints import read_model_states, resolve_checkpoint
+from dstrain.ds_check import precision_of
 from dstrain.errors import DstrainError
 
 
@@ -32,28 +33,60 @@ class ExportResult:
     step: int | None
 
 
+def _stage0_masters(optimizer_state: dict[str, Any], model) -> dict[str, torch.Tensor]:
+    """fp32 masters of a 16-bit stage-0 checkpoint, by parameter name, or {} if absent.
+
+    DeepSpeed keeps them per parameter group, in the order dstrain built the groups
+    (`weight_decay_groups`): as one tensor per parameter (`fp32_groups`, BF16/unfused
+    optimizers) or as one flat tensor per group (`fp32_groups_flat`, FusedAdam's wrapper).
+    """
+    from dstrain.model import weight_decay_groups
+
+    params = dict(model.named_parameters())
+    masters: dict[str, torch.Tensor] = {}
+    groups = optimizer_state.get("fp32_groups")
+    flats = optimizer_state.get("fp32_groups_flat")
+    for index, names in enumerate(weight_decay_groups(model)):
+        if groups is not None and index < len(groups):
+            tensors = list(groups[index])
+        elif flats is not None and index < len(flats):
+            sizes = [params[n].numel() for n in names]
+            if sum(sizes) != flats[index].numel():
+                return {}
+            tensors = list(torch.split(flats[index].flatten(), sizes))
+        else:
+            return {}
+        if len(tensors) != len(names):
+            return {}
+        for name, tensor in zip(names, tensors, strict=True):
+            if tensor.numel() != params[name].numel():
+                return {}
+            masters[name] = tensor.reshape(params[name].shape).float()
+    return masters
+
+
 def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any], model):
     """Full fp32 weights of a checkpoint, keyed like the HF model's state_dict.
 
     ZeRO 1-3: DeepSpeed's zero_to_fp32 joins every rank's fp32 master partitions. Stage 0:
-    a 16-bit run keeps its fp32 masters in the optimizer state as one list per parameter
-    group (`fp32_groups`), in the order dstrain built the groups (`weight_decay_groups`);
-    an fp32 run's module weights are the masters.
+    fp32 runs' module weights are the masters; 16-bit runs keep their masters in the
+    optimizer state (`_stage0_masters`), and an export never settles for rounded weights.
     """
-    from dstrain.model import weight_decay_groups
-
-    stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    config = states.get("ds_config", {})
+    stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
         state = {k: v.float() for k, v in states["module"].items()}
-        groups = (states.get("optimizer") or {}).get("fp32_groups") or []
-        names = [n for group in weight_decay_groups(model) for n in group]
-        masters = [t for group in groups if isinstance(group, list) for t in group]
-        if len(masters) == len(names) and all(
-            torch.is_tensor(t) and t.shape == state[n].shape
-            for n, t in zip(names, masters, strict=True)
-        ):
-            state.update({n: t.float() for n, t in zip(names, masters, strict=True)})
-        return state  # otherwise (fp32 runs, other layouts) the module weights
+        if precision_of(config) == "fp32":
+            return state
+        masters = _stage0_masters(states.get("optimizer") or {}, model)
+        if not masters:
+            raise DstrainError(
+                f"{ckpt_dir / tag}: found no fp32 master weights in this 16-bit ZeRO-0 "
+                "checkpoint's optimizer state (an optimizer layout dstrain does not know), "
+                "and will not export rounded 16-bit weights as if they were fp32."
+            )
+        state.update(masters)
+        return state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -150,7 +150,6 @@ _RUN_SHAPING = (
     "epochs",
     "max_steps",
     "deepspeed_config",
-    "resume",
     "init_checkpoint",
 )
 """Without any of these, `dstrain train` is the bundled demo."""
@@ -168,6 +167,15 @@ _DATA_FLAGS = (
 _LAUNCH_ONLY = ("local_rank", "deepspeed", "settings", "num_gpus", "hostfile")
 
 
+def fresh_demo_dir(base: str = "runs/demo") -> str:
+    """runs/demo, or runs/demo-2, -3, ... when an earlier demo run is there."""
+    candidate, number = Path(base), 1
+    while (candidate / "checkpoints").exists():
+        number += 1
+        candidate = Path(f"{base}-{number}")
+    return str(candidate)
+
+
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     """Merge a settings file (if any) and the flags into validated `TrainSettings`."""
     from pydantic import ValidationError
@@ -178,6 +186,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     data.setdefault("data", {})
     if all(getattr(args, name) is None for name in _RUN_SHAPING):
         data.setdefault("epochs", DEMO_EPOCHS)  # the bundled demo: long enough to learn
+        if args.output_dir is None and args.resume is None:
+            data["output_dir"] = fresh_demo_dir()
     for name, value in vars(args).items():
         if value is None or name in _LAUNCH_ONLY:
             continue
@@ -299,6 +309,8 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
             prepared = prepare()
         except DstrainError as exc:
             failure = str(exc)
+        except OSError as exc:
+            failure = f"cannot write the token cache {cache_dir}: {exc.strerror or exc}"
     all_ranks_agree(dist, failure)
     if prepared is None:
         try:
@@ -310,6 +322,18 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
                 "file system, or pass --cache-dir on one."
             )
     all_ranks_agree(dist, failure)
+    # Every rank must hold the same examples (a stale cache on an unshared disk would not).
+    shape = (len(prepared.train), len(prepared.val), prepared.train.num_tokens)
+    shapes = [None] * dist.get_world_size()
+    dist.all_gather_object(shapes, shape)
+    if len(set(shapes)) > 1:
+        raise same_on_all_ranks(
+            DstrainError(
+                f"ranks see different token caches at {cache_dir} ((train, val, codons) per rank: "
+                f"{shapes}). Every node must see the same output directory: use a shared file "
+                "system, or pass --cache-dir on one."
+            )
+        )
     if len(prepared.train) == 0:
         raise DstrainError(
             f"no training examples in {cache_dir}; add records or lower --val-fraction."
@@ -385,8 +409,8 @@ def evaluate(
 
 
 class StopRequest:
-    """SIGTERM / SIGINT: finish the current optimizer step, save, exit 0. A second signal
-    gets the default handler (Ctrl-C twice stops at once)."""
+    """SIGTERM / SIGINT: finish the current optimizer step, save, exit 0. Repeated SIGTERMs
+    (a launcher forwarding the scheduler's) change nothing; a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -400,7 +424,8 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
 
 
 class Fp16Guard:
@@ -513,6 +538,14 @@ def run(settings: TrainSettings) -> int:
         restore_signals()
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a damaged line counts as past any step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 class Trainer:
     """One run around one DeepSpeed engine. `fit` reads top to bottom: output, data, model
     and engine, plan, resume, banner, loop, finish; the other methods are its steps."""
@@ -564,14 +597,16 @@ class Trainer:
                 self.bar.close()
                 self.log.bar = None
         if stopped_by:
-            self.log(f"{stopped_by}: stopping after step {self.engine.global_steps}; saving")
-            if self.engine.global_steps > self.start_step:
+            step = self.engine.global_steps
+            self.log(f"{stopped_by}: stopping after step {step}")
+            if step > self.start_step:
                 self.save()
+                self.log(
+                    f"saved step {step}; resume with --resume auto --output-dir {self.output_dir}"
+                )
             self.close_telemetry()
-            self.log(f"saved; resume with --resume auto --output-dir {self.output_dir}")
             return 0
-        self.finish()
-        return 0
+        return self.finish()
 
     def write_run_files(self) -> None:
         if self.rank == 0:
@@ -677,13 +712,26 @@ class Trainer:
         self.start_step = self.engine.global_steps
         self._truncate_metrics(self.start_step)
         self.log(f"resumed from {ckpt_dir / tag} at step {self.start_step}")
+        if self.start_step >= self.total_steps:
+            self.log(
+                f"the checkpoint is already at step {self.start_step}, the planned end "
+                f"({self.total_steps}): nothing to train. Pass --max-steps to go further."
+            )
 
     def _resume_point(self):
         from dstrain.checkpoints import read_latest_tag, resolve_checkpoint
 
+        latest = read_latest_tag(self.ckpt_dir)
         if self.settings.resume == "auto":
-            return resolve_checkpoint(self.ckpt_dir) if read_latest_tag(self.ckpt_dir) else None
-        return resolve_checkpoint(self.settings.resume) if self.settings.resume else None
+            return resolve_checkpoint(self.ckpt_dir) if latest else None
+        if self.settings.resume:
+            return resolve_checkpoint(self.settings.resume)
+        if latest:
+            raise DstrainError(
+                f"{self.ckpt_dir} already holds a run (latest checkpoint {latest}). Continue "
+                "it with --resume auto, or start afresh in a new --output-dir."
+            )
+        return None
 
     def _check_resume_compatible(self, ckpt_dir: Path, tag: str) -> None:
         """The checkpoint must come from the same model, data, seed and batch layout."""
@@ -711,6 +759,8 @@ class Trainer:
             "data_settings": self.data_settings.model_dump(exclude={"padding", "loss_on_pad"}),
             "source_sha256": [src.get("sha256") for src in self.prepared.manifest["sources"]],
             "batch": {"micro": self.micro, "accum": self.accum, "world": self.world},
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "precision": self.precision,
         }
 
     def _truncate_metrics(self, step: int) -> None:
@@ -719,7 +769,7 @@ class Trainer:
         if self.rank != 0 or not path.exists():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _row_step(line) <= step]
         if len(kept) != len(lines):
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
@@ -783,7 +833,8 @@ class Trainer:
         self.restart_window()
         if self.rank != 0:
             return
-        self.metrics = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        mode = "a" if self.start_step else "w"  # a fresh run starts a fresh file
+        self.metrics = open(self.output_dir / "metrics.jsonl", mode, encoding="utf-8")  # noqa: SIM115
         if self.settings.progress:
             from tqdm import tqdm
 
@@ -908,10 +959,10 @@ class Trainer:
                     if not boundary:
                         continue
                     self.log_step(loop["epoch"] + (index + 1) / len(batches))
+                    if engine.global_steps >= self.total_steps:
+                        return None  # done: finish() evaluates, saves and exports
                     if self.stop_requested():
                         return self.stop.signal_name or "a signal on another rank"
-                    if engine.global_steps >= self.total_steps:
-                        return None
                     self.periodic_eval_and_save()
                 loop["epoch"] += 1
                 loop["micro_in_epoch"] = 0
@@ -980,6 +1031,8 @@ class Trainer:
     def save(self) -> None:
         from dstrain.checkpoints import capture_rng_state, save_run_checkpoint
 
+        if self.start_step and self.engine.global_steps == self.start_step:
+            return  # this state was just loaded from that very checkpoint
         rngs = [None] * self.world
         self.dist.all_gather_object(rngs, capture_rng_state())
         step = self.engine.global_steps
@@ -1003,7 +1056,7 @@ class Trainer:
 
     # -- the end --------------------------------------------------------------------------
 
-    def finish(self) -> None:
+    def finish(self) -> int:
         import torch
 
         from dstrain.memory import format_peak_comparison
@@ -1014,9 +1067,12 @@ class Trainer:
         self.save()
         if self.settings.dump_params:
             dump_full_params(engine, self.output_dir / f"params_rank{self.rank}.pt")
+        seen = self.all_reduce(
+            [self.loop["samples_seen"], self.loop["tokens_seen"], self.loop["useful_tokens_seen"]]
+        )
         self.dist.barrier()  # the rest is rank 0's alone: the other ranks may leave
         if self.rank != 0:
-            return
+            return 0
         export_dir = self.export()
         elapsed = time.time() - self.start_time
         val_loss = self.loop["last_val_loss"] if len(self.val_set) else None
@@ -1027,9 +1083,10 @@ class Trainer:
             "val_loss": finite_or_none(val_loss),
             "val_perplexity": finite_or_none(perplexity(val_loss)),
             "best_val_loss": finite_or_none(self.loop["best_val_loss"]),
-            "samples_seen": self.loop["samples_seen"],
-            "useful_tokens_seen": self.loop["useful_tokens_seen"],
-            "tokens_seen": self.loop["tokens_seen"],
+            "samples_seen": int(seen[0]),  # all ranks
+            "tokens_seen": int(seen[1]),
+            "useful_tokens_seen": int(seen[2]),
+            "export_dir": str(export_dir) if export_dir else None,
             "elapsed_s": round(elapsed, 2),
             "peak_memory_bytes": peak,
         }
@@ -1053,9 +1110,11 @@ class Trainer:
             f"outputs: {self.output_dir}/metrics.jsonl, {self.ckpt_dir}/"
             + (f", {export_dir} (AutoModelForCausalLM.from_pretrained)" if export_dir else "")
         )
+        return 1 if self.settings.export and export_dir is None else 0
 
     def export(self) -> Path | None:
-        """Rank 0: the HF export of the final checkpoint; a failure is reported, not fatal."""
+        """Rank 0: the HF export of the final checkpoint. A failure is reported (and makes
+        the exit code 1) but leaves the checkpoints as they are."""
         from dstrain.export import export_checkpoint
 
         if not self.settings.export:
@@ -1065,8 +1124,9 @@ class Trainer:
             export_checkpoint(self.ckpt_dir, export_dir, export_pt=self.settings.export_pt)
         except Exception as exc:  # training succeeded; say why the export did not
             self.log(
-                f"export failed ({type(exc).__name__}: {exc}). Run `dstrain export "
-                f"{self.ckpt_dir} -o DIR` where every rank's checkpoint files are visible."
+                f"error: training finished and its checkpoints are saved, but the export "
+                f"failed ({type(exc).__name__}: {exc}). Run `dstrain export {self.ckpt_dir} "
+                "-o DIR` where every rank's checkpoint files are visible."
             )
             return None
         return export_dir
@@ -1122,7 +1182,17 @@ def hand_off(args: argparse.Namespace, argv: list[str]) -> int:
         train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile
     )
     print("launching: " + shlex.join(command), flush=True)
-    return subprocess.call(command)
+    launcher = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum, _frame):  # the launcher and its ranks are in their own group
+        os.killpg(launcher.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _strip_launch_flags(argv: list[str]) -> list[str]:
@@ -1157,6 +1227,14 @@ def main(argv: list[str] | None = None) -> int:
         elif not getattr(exc, "same_on_all_ranks", False):
             print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except OSError as exc:  # a path that cannot be read or written, named by the OS
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"error (rank {rank}): cannot use{where}: {exc.strerror or exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
 
 
 if __name__ == "__main__":

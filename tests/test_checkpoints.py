@@ -83,7 +83,7 @@ def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
         return real_save(state_dict, path, *args, **kwargs)
 
     monkeypatch.setattr(writer, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DstrainError, match="No space left on device"):
         save_run_checkpoint(engine, ckpt, 2, {"dstrain": {"step": 2}}, val_loss=2.0, keep_best=1)
     assert read_latest_tag(ckpt) == "step00000001"
     assert [e["tag"] for e in read_index(ckpt)] == ["step00000001"]

@@ -287,10 +287,12 @@ def test_fp16_repeated_overflows_stop_with_advice(tmp_path, fp16_on_cpu, inject_
 
 
 def test_fp16_skip_share_guard(tmp_path, fp16_on_cpu, inject_inf, capsys):
-    inject_inf["poison"] = {2, 4, 6}  # every other step, at a high scale: no minimum reached
+    # Scale 2**8 never overflows by itself here (the first test shows clean steps), so only
+    # the injected steps count: 3 of the last 4 > 50% stops at step 3, above the minimum.
+    inject_inf["poison"] = {1, 2, 3}
     code = train(
         "--deepspeed_config",
-        fp16_config(tmp_path / "ds.json", initial_scale_power=20),
+        fp16_config(tmp_path / "ds.json"),
         "--output-dir",
         tmp_path / "run",
         "--max-steps",
@@ -304,7 +306,8 @@ def test_fp16_skip_share_guard(tmp_path, fp16_on_cpu, inject_inf, capsys):
         0.5,
     )
     assert code == 1
-    assert "were skipped for overflow" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fp16 training stopped at step 3: 3 of the last 3 optimizer steps were skipped" in err
 
 
 # --------------------------------------------------------------------------------------
@@ -778,3 +781,36 @@ def test_bf16_stage0_export_holds_the_fp32_masters(tmp_path):
     assert master.dtype == torch.float32
     assert not torch.equal(master.to(torch.bfloat16).float(), master)  # real fp32 values
     assert torch.equal(master.to(torch.bfloat16).float(), module[name])  # bf16 = rounded master
+
+
+def test_a_fresh_run_will_not_overwrite_an_earlier_one(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train("--output-dir", run_dir, "--max-steps", 2, "--no-export") == 0
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert train("--output-dir", run_dir, "--max-steps", 2, "--seed", 5) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "latest").read_text() == latest
+
+
+def test_resume_refuses_another_zero_stage(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    zero0 = write_config(tmp_path / "z0.json", precision="fp32", zero_optimization={"stage": 0})
+    zero2 = write_config(tmp_path / "z2.json", precision="fp32", zero_optimization={"stage": 2})
+    assert (
+        train("--deepspeed_config", zero0, "--output-dir", run_dir, "--max-steps", 2, "--no-export")
+        == 0
+    )
+    assert (
+        train(
+            "--deepspeed_config",
+            zero2,
+            "--output-dir",
+            run_dir,
+            "--max-steps",
+            4,
+            "--resume",
+            "auto",
+        )
+        == 1
+    )
+    assert "zero_stage: checkpoint 0, now 2" in capsys.readouterr().err
