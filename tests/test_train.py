@@ -814,3 +814,26 @@ def test_resume_refuses_another_zero_stage(tmp_path, capsys):
         == 1
     )
     assert "zero_stage: checkpoint 0, now 2" in capsys.readouterr().err
+
+
+def test_resume_mid_epoch_with_windows_spanning_epochs(tmp_path):
+    """Accumulation 4 over 17 micro-batches per epoch: step 5's window takes the last
+    micro-batch of epoch 0 and three of epoch 1. Stopping at step 4 and resuming to 8 must
+    equal 8 straight steps exactly."""
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": 1},
+        batch={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4},
+    )
+    common = ["--deepspeed_config", config, "--eval-every", 0, "--no-export", "--dump-params"]
+    assert train(*common, "--output-dir", tmp_path / "straight", "--max-steps", 8) == 0
+    resumed = tmp_path / "resumed"
+    assert train(*common, "--output-dir", resumed, "--max-steps", 4) == 0
+    assert train(*common, "--output-dir", resumed, "--max-steps", 8, "--resume", "auto") == 0
+    assert [r["step"] for r in train_rows(resumed)] == list(range(1, 9))
+    assert [r["epoch"] for r in train_rows(resumed)][4] > 1.0  # step 5 ends in epoch 1
+    assert_same_params(
+        load_params(tmp_path / "straight" / "params_rank0.pt"),
+        load_params(resumed / "params_rank0.pt"),
+    )
