@@ -48,6 +48,17 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows(run_dir) if "loss" in r]
 
 
+def latest_step_logged(run_dir: Path) -> int:
+    """The highest step in metrics.jsonl so far (a line being written is skipped)."""
+    path, best = run_dir / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            best = max(best, json.loads(line).get("step", 0))
+        except ValueError:
+            continue
+    return best
+
+
 def load_params(path: Path) -> dict:
     import torch
 
@@ -426,10 +437,7 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            metrics = resumed / "metrics.jsonl"
-            if metrics.exists() and any(
-                json.loads(line).get("step", 0) >= 5 for line in metrics.read_text().splitlines()
-            ):
+            if latest_step_logged(resumed) >= 5:
                 break
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             time.sleep(0.02)
@@ -837,3 +845,73 @@ def test_resume_mid_epoch_with_windows_spanning_epochs(tmp_path):
         load_params(tmp_path / "straight" / "params_rank0.pt"),
         load_params(resumed / "params_rank0.pt"),
     )
+
+
+@pytest.mark.multiproc
+def test_two_rank_sigterm_then_resume_matches_a_straight_run(tmp_path):
+    """The scheduler's way: SIGTERM to the whole launcher group. Both ranks finish the
+    step and save; `--resume auto` then ends exactly where a straight run does."""
+    from dstrain.ds_runtime import free_port
+
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": 2},
+        batch={"train_micro_batch_size_per_gpu": 4},
+    )
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        return [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(TRAIN_PY),
+            "--deepspeed_config",
+            str(config),
+            "--model",
+            "genslm_small",
+            "--max-steps",
+            "12",
+            "--eval-every",
+            "0",
+            "--no-export",
+            "--dump-params",
+            "--no-progress",
+            "--output-dir",
+            str(run_dir),
+            *extra,
+        ]
+
+    straight = tmp_path / "straight"
+    done = run_process(command(straight))
+    assert done.returncode == 0, done.stdout[-3000:]
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        command(resumed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and latest_step_logged(resumed) < 5:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)  # launcher and ranks, as a scheduler would
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped_at = int((resumed / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 5 <= stopped_at < 12, out.decode()[-3000:]
+
+    again = run_process(command(resumed, "--resume", "auto"))
+    assert again.returncode == 0, again.stdout[-3000:]
+    final = load_params(straight / "params_rank0.pt")
+    assert_same_params(final, load_params(resumed / "params_rank0.pt"))
+    assert_same_params(final, load_params(resumed / "params_rank1.pt"))
