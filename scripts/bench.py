@@ -792,29 +792,18 @@ def run_memory_probe(out_dir: Path, cases: tuple[str, ...], timeout_s: float = 3
 
 def estimate_for_probe_case(case: dict[str, Any], world_size: int):
     """The estimator's row for one probe case, from the case's own model and config."""
-    from dstrain.memory import MemoryInputs, ModelDims, estimate_zero_memory, read_ds_run_settings
+    from dstrain.architectures import architecture_from_hf_config
+    from dstrain.memory import estimate_for_run
 
-    shape = case["model"]
-    dims = ModelDims(
-        name="probe",
-        num_params=case["numel"],
-        hidden_size=shape["hidden_size"],
-        num_layers=shape["num_hidden_layers"],
-        num_heads=shape["num_attention_heads"],
-        intermediate_size=shape["intermediate_size"],
-        vocab_size=shape["vocab_size"],
-    )
-    zero, precision, micro, _ = read_ds_run_settings(case["ds_config"], world_size=world_size)
-    inputs = MemoryInputs(
-        model=dims,
+    arch = architecture_from_hf_config(case["model"], name="probe")
+    estimate = estimate_for_run(
+        arch,
+        case["ds_config"],
         world_size=world_size,
         gpus_per_node=world_size,
-        micro_batch=micro or 1,
         seq_len=case["seq_len"],
-        precision=precision,
-        zero=zero,
     )
-    return estimate_zero_memory(inputs).stage(zero.stage)
+    return estimate.stage(estimate.inputs.zero.stage)
 
 
 def bench_memory(plan: Plan, tmp: Path) -> dict[str, Any]:

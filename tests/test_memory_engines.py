@@ -18,13 +18,9 @@ from pathlib import Path
 import pytest
 from subprocs import run_in_session
 
+from dstrain.architectures import architecture_from_hf_config
 from dstrain.ds_runtime import free_port
-from dstrain.memory import (
-    MemoryInputs,
-    ModelDims,
-    estimate_zero_memory,
-    read_ds_run_settings,
-)
+from dstrain.memory import MemoryInputs, ModelDims, estimate_for_run, estimate_zero_memory
 
 PROBE = Path(__file__).with_name("rank_memory_probe.py")
 # ZeRO-3 last: it patches torch.nn.functional.linear for the rest of the process.
@@ -65,28 +61,12 @@ def measured(tmp_path_factory) -> dict[int, dict]:
 
 
 def _estimate_row(case: dict, stage: int):
-    m = case["model"]
-    dims = ModelDims(
-        name="probe",
-        num_params=case["numel"],
-        hidden_size=m["hidden_size"],
-        num_layers=m["num_hidden_layers"],
-        num_heads=m["num_attention_heads"],
-        intermediate_size=m["intermediate_size"],
-        vocab_size=m["vocab_size"],
+    arch = architecture_from_hf_config(case["model"], name="probe")
+    assert arch.num_params() == case["numel"]  # the probe's model is this GPT-NeoX shape
+    estimate = estimate_for_run(
+        arch, case["ds_config"], world_size=2, gpus_per_node=2, seq_len=case["seq_len"]
     )
-    assert sum(dims.tensor_numels()) == case["numel"]  # our GPT-NeoX tensor list is exact
-    zero, precision, micro, _ = read_ds_run_settings(case["ds_config"], world_size=2)
-    inputs = MemoryInputs(
-        model=dims,
-        world_size=2,
-        gpus_per_node=2,
-        micro_batch=micro,
-        seq_len=case["seq_len"],
-        precision=precision,
-        zero=zero,
-    )
-    return estimate_zero_memory(inputs).stage(stage)
+    return estimate.stage(stage)
 
 
 def _model_states(snapshot: dict) -> int:
