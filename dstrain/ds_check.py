@@ -14,7 +14,6 @@ scripts/gen_ds_schema.py (a test keeps it in step with the installed version).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import json
@@ -25,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dstrain.ds_runtime import redirect_fds
 from dstrain.errors import DstrainError
 
 LOSS_SCALE_KEYS = (
@@ -641,26 +641,6 @@ def check_ds_config(
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_fds():
-    """Silence fds 1 and 2 (DeepSpeed prints to stdout at import)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
 def _strip_auto(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _strip_auto(v) for k, v in node.items() if not _is_auto(v)}
@@ -678,7 +658,7 @@ def deepspeed_parser_problems(config: dict[str, Any], source: str) -> list[Probl
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        with _quiet_fds():
+        with redirect_fds():
             from deepspeed.runtime.config import DeepSpeedConfig
     except Exception:  # ImportError, or a broken install raising anything else
         return None
@@ -689,7 +669,7 @@ def deepspeed_parser_problems(config: dict[str, Any], source: str) -> list[Probl
     if "train_micro_batch_size_per_gpu" in parsed:
         parsed.pop("train_batch_size", None)
     try:
-        with _quiet_fds():
+        with redirect_fds():
             DeepSpeedConfig(parsed)
     except Exception as exc:  # DeepSpeed raises many types; each becomes one problem
         return _translate_deepspeed_error(exc, source)

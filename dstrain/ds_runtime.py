@@ -12,8 +12,11 @@ step were measured here with DeepSpeed 0.19.8 (see shared FACTS.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from datetime import timedelta
 
 
@@ -53,3 +56,24 @@ def prepare_deepspeed(timeout_s: float | None = None) -> None:
 
         c10d.default_pg_timeout = timedelta(seconds=timeout_s)
     ensure_single_process_env()
+
+
+@contextlib.contextmanager
+def redirect_fds(target: str | os.PathLike[str] = os.devnull) -> Iterator[None]:
+    """Point fds 1 and 2 at `target` (appended) for a while: DeepSpeed, tqdm and C
+    extensions write there directly, past `sys.stdout`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(target, "ab") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])

@@ -192,30 +192,17 @@ def say(message: str = "") -> None:
 
 @contextlib.contextmanager
 def quiet(log_path: Path) -> Iterator[None]:
-    """Send fds 1 and 2 (DeepSpeed's logger, tqdm, train.py's banner) to `log_path`."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
+    """Send fds 1 and 2 (DeepSpeed's logger, tqdm, train.py's banner) to `log_path`; on a
+    failure, show its last lines."""
+    from dstrain.ds_runtime import redirect_fds
+
+    try:
+        with redirect_fds(log_path):
             yield
-        except BaseException:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            tail = log_path.read_text(errors="replace").splitlines()[-30:]
-            say(f"--- last lines of {log_path} ---\n" + "\n".join(tail))
-            raise
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    except BaseException:
+        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        say(f"--- last lines of {log_path} ---\n" + "\n".join(tail))
+        raise
 
 
 def median(values: list[float]) -> float:
