@@ -5,7 +5,7 @@ deepspeed. `dstrain estimate` is a thin shell over this module, and the train lo
 it for its start banner:
 
     from dstrain.memory import estimate_for_run, format_run_banner, format_peak_comparison
-    estimate = estimate_for_run(arch, ds_config, world_size=8, gpus_per_node=4, seq_len=2048)
+    estimate = estimate_for_run(arch, run, world_size=8, gpus_per_node=4, seq_len=2048)
     print(format_run_banner(estimate))                   # rank 0, before training
     ...
     peak = torch.cuda.max_memory_allocated()             # on a GPU, after training
@@ -16,9 +16,9 @@ Public API
 - `MemoryInputs` (model `ModelDims`, cluster, run, DeepSpeed `ZeroKnobs`) ->
   `estimate_zero_memory(inputs)` -> `MemoryEstimate` with one `StageEstimate` per ZeRO
   stage 0-3 and a recommendation.
-- `estimate_for_run(arch, ds_config, world_size, gpus_per_node, seq_len, ...)`: the same
-  from a GenSLM architecture and a DeepSpeed config dict (stage, buckets, offload,
-  precision and micro batch are read from the dict).
+- `estimate_for_run(arch, run, world_size, gpus_per_node, seq_len, ...)`: the same from a
+  GenSLM architecture and the typed DeepSpeed run (`dstrain.ds_run.DsRun`: stage,
+  buckets, offload, precision and micro batch as DeepSpeed resolves them).
 - `format_estimate_table(estimate)` for people, `estimate_to_json(estimate)` for scripts,
   `format_run_banner` / `format_peak_comparison` for the train loop.
 - `paper_model_states_bytes(...)`: the ZeRO paper's accounting, on its own.
@@ -137,16 +137,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-from dstrain.architectures import (
-    ARCHITECTURES,
-    GenSLMArchitecture,
-    architecture_from_hf_config,
-    get_architecture,
-)
+from dstrain.architectures import GenSLMArchitecture, resolve_architecture
+from dstrain.ds_run import DsRun, load_ds_run
 from dstrain.errors import DstrainError
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -730,144 +724,43 @@ def estimate_zero_memory(inputs: MemoryInputs) -> MemoryEstimate:
 # --------------------------------------------------------------------------------------
 
 
-def read_ds_config(path: str | Path) -> dict[str, Any]:
-    """Load a DeepSpeed JSON file as a plain dict, with errors that name the file."""
-    from dstrain.ds_check import read_ds_json
-
-    config, problems = read_ds_json(str(path))
-    errors = [p for p in problems if p.severity == "error"]
-    if config is None or errors:
-        raise DstrainError(
-            "cannot use the DeepSpeed config (--deepspeed_config): "
-            + "; ".join(p.format() for p in errors)
-        )
-    return config
-
-
-_INT_KEYS = (
-    "reduce_bucket_size",
-    "allgather_bucket_size",
-    "stage3_prefetch_bucket_size",
-    "stage3_max_live_parameters",
-    "stage3_param_persistence_threshold",
-    "sub_group_size",
-)
+def zero_knobs_from_run(run: DsRun) -> ZeroKnobs:
+    """The memory-moving ZeRO knobs of a typed DeepSpeed run."""
+    zero = run.zero
+    return ZeroKnobs(
+        stage=zero.stage,
+        reduce_bucket_size=zero.reduce_bucket_size,
+        allgather_bucket_size=zero.allgather_bucket_size,
+        overlap_comm=zero.overlap_comm,
+        stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+        stage3_max_live_parameters=zero.stage3_max_live_parameters,
+        stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
+        sub_group_size=zero.sub_group_size,
+        offload_optimizer=zero.offload_optimizer.device,
+        offload_param=zero.offload_param.device,
+    )
 
 
-def _number(value: Any) -> int | None:
-    """An int from a JSON number (DeepSpeed accepts 5e8 for bucket sizes); None if not one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        return None
-    return int(value)
-
-
-def read_ds_run_settings(
-    ds_config: Mapping[str, Any], world_size: int, source: str = "DeepSpeed config"
-) -> tuple[ZeroKnobs, Precision, int | None, tuple[str, ...]]:
-    """(ZeRO settings, precision, micro batch, notes) from a DeepSpeed config dict.
-
-    Precision is fp32 unless `bf16` or `fp16` is enabled, as in DeepSpeed. Micro batch is
-    `train_micro_batch_size_per_gpu`, else derived as DeepSpeed does from
-    `train_batch_size = micro x accumulation x world`, else None. "auto" values (HF
-    Trainer's) are read as DeepSpeed's defaults, with a note. Every wrongly typed value is
-    reported at once.
-    """
-    problems: list[str] = []
-    notes: list[str] = []
-    zero_block = ds_config.get("zero_optimization", {})
-    if not isinstance(zero_block, Mapping):
-        problems.append(f"zero_optimization must be an object, got {zero_block!r}")
-        zero_block = {}
-    fields: dict[str, Any] = {}
-    stage = zero_block.get("stage", 0)
-    if _number(stage) not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    else:
-        fields["stage"] = _number(stage)
-    for key in _INT_KEYS:
-        if key not in zero_block:
-            continue
-        value, number = zero_block[key], _number(zero_block[key])
-        if value == "auto":
-            notes.append(f'zero_optimization.{key} is "auto": DeepSpeed\'s default used')
-        elif number is None or number < 0:
-            problems.append(f"zero_optimization.{key} must be a whole number >= 0, got {value!r}")
-        else:
-            fields[key] = number
-    if "overlap_comm" in zero_block:
-        if isinstance(zero_block["overlap_comm"], bool):
-            fields["overlap_comm"] = zero_block["overlap_comm"]
-        else:
-            problems.append(
-                "zero_optimization.overlap_comm must be true or false, "
-                f"got {zero_block['overlap_comm']!r}"
-            )
-    if fields.get("overlap_comm") is None:
-        fields["overlap_comm"] = fields.get("stage") == 3
-    for key in ("offload_optimizer", "offload_param"):
-        block = zero_block.get(key)
-        if block is None:
-            continue
-        device = block.get("device", "none") if isinstance(block, Mapping) else None
-        if device not in ("none", "cpu", "nvme"):
-            problems.append(
-                f"zero_optimization.{key}.device must be none, cpu or nvme, got {device!r}"
-            )
-        else:
-            fields[key] = device
-
-    precision: Precision = "fp32"  # DeepSpeed trains fp32 unless bf16 or fp16 is enabled
-    enabled = []
-    for key in ("bf16", "fp16"):
-        block = ds_config.get(key)
-        if isinstance(block, Mapping) and block.get("enabled") is True:
-            enabled.append(key)
-        elif isinstance(block, Mapping) and block.get("enabled") == "auto":
-            notes.append(f'{key}.enabled is "auto": DeepSpeed drops it and trains fp32')
-    if len(enabled) == 2:
-        problems.append("bf16.enabled and fp16.enabled are both true; enable one")
-    elif enabled:
-        precision = "bf16" if enabled[0] == "bf16" else "fp16"
-
-    micro = ds_config.get("train_micro_batch_size_per_gpu")
-    micro_batch = _number(micro)
-    if micro == "auto":
+def run_estimate_notes(run: DsRun, world_size: int) -> tuple[int | None, tuple[str, ...]]:
+    """(micro batch DeepSpeed will use at `world_size`, notes on how the run was read)."""
+    notes = list(run.notes)
+    written = run.batch.train_micro_batch_size_per_gpu
+    _, micro, accum = run.batch.resolve(world_size)
+    if written is None and micro is not None:
         notes.append(
-            'train_micro_batch_size_per_gpu is "auto", which DeepSpeed itself rejects; '
-            "give --micro-batch (1 assumed)"
+            f"micro batch {micro} = train_batch_size {run.batch.train_batch_size} // "
+            f"(gradient_accumulation_steps {accum} x world size {world_size})"
         )
-    elif micro is not None and (micro_batch is None or micro_batch < 1):
-        problems.append(
-            f"train_micro_batch_size_per_gpu must be a whole number >= 1, got {micro!r}"
-        )
-    elif micro is None:
-        total, accum = (
-            _number(ds_config.get("train_batch_size")),
-            _number(ds_config.get("gradient_accumulation_steps", 1)),
-        )
-        if total and accum:
-            micro_batch = max(1, total // (accum * world_size))
-            notes.append(
-                f"micro batch {micro_batch} = train_batch_size {total} // "
-                f"(gradient_accumulation_steps {accum} x world size {world_size})"
-            )
-    data_types = ds_config.get("data_types")
-    if isinstance(data_types, Mapping) and data_types.get("grad_accum_dtype") not in (None, "auto"):
+    if run.grad_accum_dtype is not None:
         notes.append(
             "data_types.grad_accum_dtype is not modelled (gradients counted in the training dtype)"
         )
-    if problems:
-        raise DstrainError(
-            f"{source} cannot be read for the estimate: " + "; ".join(problems) + "."
-        )
-    return ZeroKnobs(**fields), precision, micro_batch, tuple(notes)
+    return micro, tuple(notes)
 
 
 def estimate_for_run(
     arch: GenSLMArchitecture,
-    ds_config: Mapping[str, Any],
+    run: DsRun,
     world_size: int,
     gpus_per_node: int,
     seq_len: int,
@@ -881,11 +774,12 @@ def estimate_for_run(
 ) -> MemoryEstimate:
     """The estimate for a run the train loop is about to start.
 
-    Stage, buckets, offload, precision and micro batch come from `ds_config` (the dict
-    handed to `deepspeed.initialize`); `micro_batch` overrides the config's. The row of
-    the configured stage is `estimate.stage(estimate.inputs.zero.stage)`.
+    Stage, buckets, offload, precision and micro batch come from the typed DeepSpeed run
+    (`dstrain.ds_run`); `micro_batch` overrides the config's. The row of the configured
+    stage is `estimate.stage(estimate.inputs.zero.stage)`.
     """
-    zero, precision, ds_micro, notes = read_ds_run_settings(ds_config, world_size)
+    ds_micro, notes = run_estimate_notes(run, world_size)
+    precision, zero = run.precision, zero_knobs_from_run(run)
     inputs = MemoryInputs(
         model=model_dims_from_architecture(arch),
         world_size=world_size,
@@ -938,7 +832,7 @@ def estimate_from_flags(
     them they are reported as unknown ("?") and a stage whose known part fits is marked
     "?", not "yes". Every usage problem is reported at once (exit code 2).
     """
-    from dstrain.hostfile import parse_hostfile
+    from dstrain.hostfile import hostfile_world_size, parse_hostfile
 
     problems: list[str] = []
     dims_given = {
@@ -969,7 +863,7 @@ def estimate_from_flags(
     notes: list[str] = []
     if hostfile is not None:
         entries = parse_hostfile(hostfile)
-        world_size = sum(e.slots for e in entries)
+        world_size = hostfile_world_size(entries)
         gpus_per_node = max(e.slots for e in entries)
         if len({e.slots for e in entries}) > 1:
             notes.append(
@@ -981,7 +875,7 @@ def estimate_from_flags(
         world_size = gpus_per_node * (nodes or 1)
 
     if model_name is not None:
-        dims = model_dims_from_architecture(resolve_model(model_name))
+        dims = model_dims_from_architecture(resolve_architecture(model_name))
     else:
         shape = ModelDims(
             name="custom",
@@ -1002,9 +896,10 @@ def estimate_from_flags(
     ds_precision: str | None = None
     ds_micro: int | None = None
     if ds_config_path is not None:
-        zero, ds_precision, ds_micro, ds_notes = read_ds_run_settings(
-            read_ds_config(ds_config_path), world_size, source=f"DeepSpeed config {ds_config_path}"
-        )
+        # HF Trainer configs are fine here: their "auto" values keep DeepSpeed's defaults.
+        run = load_ds_run(ds_config_path, world_size=world_size, allow_auto=True).run
+        ds_micro, ds_notes = run_estimate_notes(run, world_size)
+        zero, ds_precision = zero_knobs_from_run(run), run.precision
         notes += ds_notes
     if offload_optimizer is not None:
         zero = dataclasses.replace(zero, offload_optimizer=offload_optimizer)
@@ -1029,21 +924,6 @@ def estimate_from_flags(
         notes=tuple(notes),
     )
     return estimate_zero_memory(inputs)
-
-
-def resolve_model(name_or_path: str) -> GenSLMArchitecture:
-    """A registered architecture name, or a GPT-NeoX config.json (file or directory)."""
-    if name_or_path in ARCHITECTURES:
-        return ARCHITECTURES[name_or_path]
-    if name_or_path.endswith(".json") or Path(name_or_path).exists():
-        return architecture_from_hf_config(name_or_path)
-    same_but_case = [n for n in ARCHITECTURES if n.lower() == name_or_path.lower()]
-    if same_but_case:
-        raise DstrainError(
-            f"unknown model architecture {name_or_path!r}. Did you mean {same_but_case[0]!r}? "
-            "Names are case-sensitive (M = million, B = billion parameters)."
-        )
-    return get_architecture(name_or_path)  # raises, with a did-you-mean
 
 
 # --------------------------------------------------------------------------------------

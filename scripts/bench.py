@@ -780,12 +780,13 @@ def run_memory_probe(out_dir: Path, cases: tuple[str, ...], timeout_s: float = 3
 def estimate_for_probe_case(case: dict[str, Any], world_size: int):
     """The estimator's row for one probe case, from the case's own model and config."""
     from dstrain.architectures import architecture_from_hf_config
+    from dstrain.ds_run import resolve_ds_run
     from dstrain.memory import estimate_for_run
 
     arch = architecture_from_hf_config(case["model"], name="probe")
     estimate = estimate_for_run(
         arch,
-        case["ds_config"],
+        resolve_ds_run(case["ds_config"]),
         world_size=world_size,
         gpus_per_node=world_size,
         seq_len=case["seq_len"],

@@ -16,6 +16,7 @@ import pytest
 
 from dstrain.architectures import get_architecture
 from dstrain.cli import main
+from dstrain.ds_run import resolve_ds_run
 from dstrain.errors import DstrainError
 from dstrain.memory import (
     GIB,
@@ -31,7 +32,8 @@ from dstrain.memory import (
     format_run_banner,
     model_dims_from_architecture,
     paper_model_states_bytes,
-    read_ds_run_settings,
+    run_estimate_notes,
+    zero_knobs_from_run,
 )
 
 GB = 10**9  # the ZeRO paper's unit
@@ -364,7 +366,9 @@ DS_CONFIG = {
 
 
 def test_reads_stage_buckets_offload_precision_and_micro_batch_from_a_ds_config():
-    zero, precision, micro, notes = read_ds_run_settings(DS_CONFIG, world_size=8)
+    run = resolve_ds_run(DS_CONFIG)
+    zero = zero_knobs_from_run(run)
+    micro, _ = run_estimate_notes(run, world_size=8)
     assert (zero.stage, zero.reduce_bucket_size, zero.stage3_prefetch_bucket_size) == (
         3,
         5 * 10**7,
@@ -373,32 +377,61 @@ def test_reads_stage_buckets_offload_precision_and_micro_batch_from_a_ds_config(
     assert zero.offload_optimizer == "cpu" and zero.offload_param == "none"
     assert zero.overlap_comm is True  # DeepSpeed's default for stage 3
     assert zero.stage3_param_persistence_threshold == 100_000  # "auto" -> default
-    assert (precision, micro) == ("bf16", 2)
-    assert any('"auto"' in n for n in notes)
+    assert (run.precision, micro) == ("bf16", 2)
 
 
 def test_micro_batch_derived_from_train_batch_size_like_deepspeed():
     config = {"train_batch_size": 64, "gradient_accumulation_steps": 2}
-    _, precision, micro, _ = read_ds_run_settings(config, world_size=8)
-    assert micro == 4 and precision == "fp32"  # no bf16 / fp16 block: DeepSpeed trains fp32
+    run = resolve_ds_run(config)
+    micro, notes = run_estimate_notes(run, world_size=8)
+    assert micro == 4 and run.precision == "fp32"  # no bf16 / fp16 block: DeepSpeed trains fp32
+    assert any("train_batch_size 64" in note for note in notes)
 
 
-def test_ds_config_problems_are_reported_together():
+@pytest.mark.parametrize(
+    ("config", "precision", "stage"),
+    [
+        ({"bfloat16": {"enabled": True}}, "bf16", 0),  # DeepSpeed's old alias
+        ({"bf16": {"enabled": True}, "zero_optimization": False}, "bf16", 0),
+        ({"zero_optimization": True}, "fp32", 1),  # the deprecated boolean form
+        ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "fp16", 2),
+    ],
+)
+def test_estimate_config_file_reads_aliases_as_deepspeed_does(tmp_path, config, precision, stage):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, **config}))
+    est = estimate_from_flags(model_name="genslm_25M", ds_config_path=str(path))
+    assert (est.inputs.precision, est.inputs.zero.stage) == (precision, stage)
+    # Model-state bytes are those of the precision DeepSpeed trains in (fp32 differs).
+    same = estimate_from_flags(model_name="genslm_25M", precision=precision)
+    other = estimate_from_flags(
+        model_name="genslm_25M", precision="fp32" if precision != "fp32" else "bf16"
+    )
+    assert est.stage(0).model_states_bytes == same.stage(0).model_states_bytes
+    assert est.stage(0).model_states_bytes != other.stage(0).model_states_bytes
+
+
+def test_ds_config_problems_are_reported_together(tmp_path):
     bad = {
+        "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 4, "reduce_bucket_size": "big"},
         "bf16": {"enabled": True},
         "fp16": {"enabled": True},
     }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
     with pytest.raises(DstrainError) as err:
-        read_ds_run_settings(bad, world_size=1)
+        estimate_from_flags(model_name="genslm_25M", ds_config_path=str(path))
     message = str(err.value)
-    for fragment in ("stage must be 0, 1, 2 or 3", "reduce_bucket_size", "both true"):
+    for fragment in ("zero_optimization.stage", "bf16"):
         assert fragment in message
 
 
 def test_estimate_for_run_and_banner_lines():
     arch = get_architecture("genslm_250M")
-    est = estimate_for_run(arch, DS_CONFIG, world_size=8, gpus_per_node=4, seq_len=2048)
+    est = estimate_for_run(
+        arch, resolve_ds_run(DS_CONFIG), world_size=8, gpus_per_node=4, seq_len=2048
+    )
     assert est.inputs.zero.stage == 3 and est.inputs.micro_batch == 2
     assert est.stage(3).configured and not est.stage(2).configured
     banner = format_run_banner(est)

@@ -19,6 +19,7 @@ import pytest
 from subprocs import run_in_session
 
 from dstrain.architectures import architecture_from_hf_config
+from dstrain.ds_run import resolve_ds_run
 from dstrain.ds_runtime import free_port
 from dstrain.memory import MemoryInputs, ModelDims, estimate_for_run, estimate_zero_memory
 
@@ -64,7 +65,7 @@ def _estimate_row(case: dict, stage: int):
     arch = architecture_from_hf_config(case["model"], name="probe")
     assert arch.num_params() == case["numel"]  # the probe's model is this GPT-NeoX shape
     estimate = estimate_for_run(
-        arch, case["ds_config"], world_size=2, gpus_per_node=2, seq_len=case["seq_len"]
+        arch, resolve_ds_run(case["ds_config"]), world_size=2, gpus_per_node=2, seq_len=case["seq_len"]
     )
     return estimate.stage(stage)
 
