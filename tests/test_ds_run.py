@@ -66,7 +66,14 @@ CASES = {
         }
     },
     "zero 3 short names": {
-        "zero_optimization": {"stage": 3, "prefetch_bucket_size": 7, "max_live_parameters": 9}
+        "zero_optimization": {
+            "stage": 3,
+            "prefetch_bucket_size": 7,
+            "max_live_parameters": 9,
+            "param_persistence_threshold": 11,
+            "max_reuse_distance": 13,
+            "gather_16bit_weights_on_model_save": True,
+        }
     },
     "zero 3 deprecated fp16 gather": {
         "zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": True}
@@ -257,3 +264,50 @@ def test_load_ds_run_checks_before_resolving(tmp_path):
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimizaton": {}}))
     with pytest.raises(DstrainError, match="zero_optimizaton"):
         load_ds_run(str(bad))
+
+
+# DeepSpeed names whose effect the typed run does not model (they move no memory and no
+# precision/stage/offload decision dstrain makes), each with the reason.
+UNMODELLED = {
+    "cpu_offload_use_pin_memory": "deprecated and sets nothing in 0.19.8 (set_new_param False)",
+    "stage3_model_persistence_threshold": "a ZeRO-3 partitioning detail, not in the estimate",
+    "stage3_module_granularity_threshold": "a ZeRO-3 prefetch detail, not in the estimate",
+    "stage3_use_all_reduce_for_fetch_params": "a ZeRO-3 communication detail",
+    "stage3_allgather_sequential": "a ZeRO-3 communication detail",
+}
+
+
+def _keys(node) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for value in node.values() for k in _keys(value)}
+    return set()
+
+
+def test_every_alias_and_deprecated_name_deepspeed_accepts_is_covered(deepspeed_config):
+    """Read DeepSpeed's own models: every alias or deprecated field of the blocks the run
+    reads appears in a case above (so an upgrade that adds one fails here)."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
+
+    names = set()
+    for model in (
+        DeepSpeedZeroConfig,
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+        DeepSpeedFP16Config,
+        DeepSpeedBF16Config,
+    ):
+        for name, info in model.model_fields.items():
+            if info.alias:
+                names |= {info.alias, name}  # both spellings are accepted
+            if (info.json_schema_extra or {}).get("deprecated"):
+                names.add(name)
+    names |= {"bfloat16"}  # the top-level alias of `bf16` (deepspeed/runtime/constants.py)
+    covered = set().union(*(_keys(case) for case in CASES.values()))
+    short = {n.removeprefix("stage3_") for n in UNMODELLED if n.startswith("stage3_")}
+    missing = sorted(names - covered - set(UNMODELLED) - short)
+    assert not missing, f"DeepSpeed accepts these names, no case covers them: {missing}"
