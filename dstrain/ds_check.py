@@ -1,15 +1,18 @@
 """Strict checks for any DeepSpeed JSON config: ours, or one copied from elsewhere.
 
 Pure layer (L0) up to `deepspeed_parser_problems`, which imports deepspeed on demand.
-DeepSpeed 0.19.8 parses its config leniently: unknown keys at the top level and in
-`flops_profiler`, `checkpoint`, `activation_checkpointing` pass silently, `"auto"` inside
-checked blocks is dropped (so `fp16.enabled: "auto"` trains in fp32), `offload_param`
-under stage 2 and NVMe offload without a path are accepted, and batch arithmetic is done
-for world size 1 only. `check_ds_config` catches all of these and reports every problem
-at once, each with its JSON path and a fix.
+DeepSpeed 0.19.8 parses its config leniently: unknown keys at the top level and in the
+blocks it reads with `dict.get` (`flops_profiler`, `checkpoint`, `activation_checkpointing`,
+...) pass silently, `"auto"` inside checked blocks is dropped (so `fp16.enabled: "auto"`
+trains in fp32), `offload_param` under stage 2 and NVMe offload without a path are
+accepted, and batch arithmetic is done for world size 1 only. `check_ds_config` catches
+all of these and reports every problem at once, each with its JSON path, what DeepSpeed
+does with it, and a fix. DeepSpeed's own complaint is reported beside them.
 
 The known keys come from dstrain/ds_schema.json, measured from the installed DeepSpeed by
-scripts/gen_ds_schema.py (a test keeps it in step with the installed version).
+scripts/gen_ds_schema.py (a test keeps it in step with the installed version). To add a
+rule: one method on `_Checker` (or a line in one), a case in tests/test_ds_check.py, and a
+config in tests/assets/ds_corpus/ with the verdict DeepSpeed gives it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import copy
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -39,6 +43,32 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 DEEPSPEED_AUTO_KEYS = frozenset({"pipeline.stages", "data_types.keep_in_fp32_modules"})
 """Keys where `"auto"` is DeepSpeed's own value (its defaults), not an HF placeholder."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+SEVERITIES = ("error", "warning", "note")
+"""`error` fails validation; `warning` and `note` are printed only."""
+
+# What replaced each block DeepSpeed 0.19.8 refuses (the key list itself is measured into
+# ds_schema.json["removed"]; these hints are ours).
+REMOVED_HINTS = {
+    "nebula": "remove the block: checkpoints are written with torch.save",
+    "compression_training": "remove the block: there is no compression library any more",
+    "amp": "use `bf16`, `fp16` or `torch_autocast` instead of Apex AMP",
+    "quantize_training": "remove the block: there is no quantization-aware training (MoQ)",
+    "sparse_gradients": "remove it: an nn.Embedding built with sparse=True is still reduced "
+    "sparsely without a flag",
+    "eigenvalue": "remove the block (it only served MoQ, also removed)",
+    "sparse_attention": "remove the block and use the model's own attention",
+    "elasticity": "remove the block and set train_batch_size, train_micro_batch_size_per_gpu "
+    "and gradient_accumulation_steps yourself",
+    "graph_harvesting": "remove the key",
+    "curriculum_learning": "move it to data_efficiency.data_sampling.curriculum_learning",
+    "progressive_layer_drop": "remove the block",
+    "mics_shard_size": "remove it: plain ZeRO-3 (zero_hpz_partition_size for hierarchical "
+    "partitioning) replaces MiCS",
+    "mics_hierarchical_params_gather": "remove it: plain ZeRO-3 replaces MiCS",
+    "zeropp_loco_param": "remove it: ZeRO++ quantized gradients work without LoCo",
+}
+# 1-bit optimizers left DeepSpeed before 0.19.8; the engine then looks them up in torch.optim.
+ONE_BIT_OPTIMIZERS = {"onebitadam": "AdamW", "zerooneadam": "AdamW", "onebitlamb": "Lamb"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +79,7 @@ class Problem:
     path: str
     message: str
     fix: str = ""
-    severity: str = "error"  # "error" fails validation; "warning" is printed only
+    severity: str = "error"  # one of SEVERITIES; only "error" fails validation
     origin: str = "dstrain"  # "dstrain" or "deepspeed" (its own parser's complaint)
 
     def format(self) -> str:
@@ -218,53 +248,100 @@ class _Checker:
     def add(self, path: str, message: str, fix: str = "", severity: str = "error") -> None:
         self.problems.append(Problem(self.source, path, message, fix, severity))
 
-    # a. unknown keys at every level -----------------------------------------------------
+    # a. unknown, removed and comment keys at every level --------------------------------
 
     def unknown_keys(self) -> None:
         schema = load_schema()
-        blocks: dict[str, list[str]] = schema["blocks"]
-        for block_path, known in blocks.items():
+        strict = set(schema["strict_blocks"])
+        open_blocks = set(schema["open_blocks"])
+        for block_path, known in schema["blocks"].items():
             node = self._get(block_path)
-            if not isinstance(node, dict):
+            if not isinstance(node, dict) or block_path in open_blocks:
                 continue
+            removed = schema["removed"].get(block_path, [])
             for key in node:
                 if key in known:
                     continue
-                if block_path in ("bf16", "bfloat16") and key in LOSS_SCALE_KEYS:
+                path = _join(block_path, key)
+                if key in removed:
                     self.add(
-                        _join(block_path, key),
+                        path,
+                        f"`{key}` was removed from DeepSpeed; 0.19.8 refuses any config that "
+                        "still has it, at parse time (DeepSpeedConfigError)",
+                        REMOVED_HINTS.get(key, "remove it"),
+                    )
+                elif block_path in ("bf16", "bfloat16") and key in LOSS_SCALE_KEYS:
+                    self.add(
+                        path,
                         "fp16 loss-scaling key under bf16: bf16 has fp32's range and "
-                        "DeepSpeed does no loss scaling for it",
+                        "DeepSpeed does no loss scaling for it; its bf16 block refuses the key",
                         f"remove `{key}` (or switch to fp16 and move it under `fp16`)",
                     )
-                    continue
-                self.add(_join(block_path, key), f"unknown key `{key}`", _suggest(key, known))
-        self._unknown_params("optimizer", schema["optimizer_params"])
-        self._unknown_params("scheduler", schema["scheduler_params"])
+                elif key.startswith("_") and block_path not in strict:
+                    self.add(path, "a comment key: DeepSpeed ignores it", severity="note")
+                elif block_path in strict:
+                    self.add(
+                        path,
+                        f"unknown key `{key}`: DeepSpeed's `{block_path}` block forbids unknown "
+                        "keys (comments too) and refuses the config",
+                        _suggest(key, known),
+                    )
+                else:
+                    self.add(
+                        path,
+                        f"unknown key `{key}`: DeepSpeed never reads it and ignores it silently",
+                        _suggest(key, known),
+                    )
+        self._typed_params("optimizer", schema["optimizers"])
+        self._typed_params("scheduler", schema["schedulers"])
 
-    def _unknown_params(self, block: str, known_by_type: dict[str, list[str]]) -> None:
+    def _typed_params(self, block: str, table: dict[str, Any]) -> None:
+        """`params` of an optimizer or scheduler against its constructor's signature."""
         node = self.config.get(block)
-        if not isinstance(node, dict) or not isinstance(node.get("params"), dict):
+        if not isinstance(node, dict) or not isinstance(node.get("type"), str):
             return
-        kind = node.get("type")
-        if not isinstance(kind, str):
+        kind = _resolve_type(block, node["type"])
+        if kind is None:
             return
-        known = known_by_type.get(kind) or known_by_type.get(kind.lower())
-        if known is None:
+        signature = table["params"].get(kind)
+        if signature is None:
+            return  # a class DeepSpeed builds whose signature was not measured (mup)
+        params = node.get("params")
+        if block == "scheduler" and params is None:
+            self.add(
+                "scheduler.params",
+                f"missing: DeepSpeed builds the scheduler as {node['type']}(optimizer, "
+                "**params) and fails with a TypeError when there is no `params`",
+                'add "params": {} (with the values the scheduler needs)',
+            )
             return
-        for key in node["params"]:
+        if not isinstance(params, dict):
+            if params is not None:
+                self.add(f"{block}.params", f"must be an object, not {params!r}")
+            return
+        for key in params:
+            path = f"{block}.params.{key}"
             if key == "max_grad_norm" and block == "optimizer":
                 self.add(
-                    f"{block}.params.{key}",
-                    "DeepSpeed refuses max_grad_norm here",
+                    path,
+                    "DeepSpeed refuses max_grad_norm here (ValueError in deepspeed.initialize)",
                     "use the top-level `gradient_clipping` instead",
                 )
-            elif key not in known:
+            elif key not in signature["keys"] and not signature.get("any_key"):
                 self.add(
-                    f"{block}.params.{key}",
-                    f"{kind} takes no parameter `{key}`",
-                    _suggest(key, known),
+                    path,
+                    f"{node['type']} takes no parameter `{key}`: deepspeed.initialize fails "
+                    "with a TypeError when it builds it",
+                    _suggest(key, signature["keys"]),
                 )
+        missing = [key for key in signature["required"] if key not in params]
+        if missing:
+            self.add(
+                f"{block}.params.{missing[0]}",
+                f"{node['type']} needs {', '.join(missing)} (no default): deepspeed.initialize "
+                "fails with a TypeError when it builds it",
+                f"set {', '.join(missing)}",
+            )
 
     def _get(self, dotted: str) -> Any:
         node: Any = self.config
@@ -300,12 +377,12 @@ class _Checker:
             else:
                 why = (
                     "only HF Trainer and accelerate fill `auto` in; plain DeepSpeed drops "
-                    "or rejects it"
+                    "it and uses its default, or fails on it"
                 )
                 fix = "write the value (or pass --allow-auto if an HF Trainer fills it in)"
             self.add(path, f'leftover "auto": {why}', fix)
 
-    # c. rules DeepSpeed skips -----------------------------------------------------------
+    # c. rules DeepSpeed skips, or enforces with a bare assertion ------------------------
 
     def precision_rules(self) -> None:
         fp16, bf16 = self.config.get("fp16"), self.config.get("bf16", self.config.get("bfloat16"))
@@ -320,10 +397,17 @@ class _Checker:
                     )
             elif block is not None and not isinstance(block, dict):
                 self.add(name, f"must be an object, not {block!r}", 'write {"enabled": true}')
+        if "bf16" in self.config and "bfloat16" in self.config:
+            self.add(
+                "bfloat16",
+                "both `bf16` and its old name `bfloat16` are set: DeepSpeed reads `bf16` and "
+                "ignores `bfloat16` silently",
+                "keep only `bf16`",
+            )
         if _enabled(fp16) and _enabled(bf16):
             self.add(
                 "bf16.enabled",
-                "fp16 and bf16 are both enabled",
+                "fp16 and bf16 are both enabled: DeepSpeed refuses the config (assertion)",
                 "enable one: bf16 on Ampere or newer GPUs, fp16 on older ones",
             )
         if not isinstance(fp16, dict):
@@ -364,16 +448,44 @@ class _Checker:
                 "1.0 is common; 0 disables clipping",
             )
 
+    def parallel_size_rules(self) -> None:
+        # deepspeed.initialize reads data_parallel_size only when sequence_parallel_size is
+        # there too (one `and` in deepspeed/__init__.py).
+        if "data_parallel_size" in self.config and "sequence_parallel_size" not in self.config:
+            self.add(
+                "data_parallel_size",
+                "DeepSpeed reads data_parallel_size only together with sequence_parallel_size; "
+                "alone it is ignored silently",
+                "add sequence_parallel_size or remove data_parallel_size",
+            )
+
     def zero_rules(self) -> None:
         zero = self.config.get("zero_optimization")
+        boolean_keys = load_schema()["boolean_zero_keys"]
+        if zero is not True:
+            for key in boolean_keys:
+                if key in self.config:
+                    self.add(
+                        key,
+                        f"DeepSpeed reads `{key}` only with the old boolean "
+                        '`"zero_optimization": true`; here it is ignored silently',
+                        "use zero_optimization.allgather_bucket_size",
+                    )
         if zero is None:
             return
         if isinstance(zero, bool):
+            if zero:
+                message = (
+                    "the old boolean form: DeepSpeed 0.19.8 reads `true` as ZeRO stage 1, "
+                    "takes allgather_bucket_size from the top-level `allgather_size` "
+                    "(default 5e8) and logs a deprecation warning"
+                )
+            else:
+                message = (
+                    "the old boolean form: DeepSpeed 0.19.8 reads `false` as stage 0 (no ZeRO)"
+                )
             self.add(
-                "zero_optimization",
-                "the boolean form is deprecated",
-                'write {"stage": N}',
-                severity="warning",
+                "zero_optimization", message, f'write {{"stage": {int(zero)}}}', severity="warning"
             )
             return
         if not isinstance(zero, dict):
@@ -384,47 +496,7 @@ class _Checker:
             self.add("zero_optimization.stage", f"must be 0, 1, 2 or 3, not {stage!r}")
             return
         for name in ("offload_optimizer", "offload_param"):
-            block = zero.get(name)
-            if block is None:
-                continue
-            path = f"zero_optimization.{name}"
-            if not isinstance(block, dict):
-                self.add(path, f"must be an object, not {block!r}")
-                continue
-            device = block.get("device", "none")
-            if device not in OFFLOAD_DEVICES:
-                if not _is_auto(device):
-                    self.add(f"{path}.device", f"must be one of none, cpu, nvme, not {device!r}")
-                continue
-            if device == "none":
-                continue
-            if name == "offload_param" and stage != 3:
-                self.add(
-                    f"{path}.device",
-                    f"offload_param needs ZeRO stage 3 but stage is {stage}; DeepSpeed "
-                    "ignores it silently and keeps parameters on the GPU",
-                    'set "stage": 3 or remove offload_param',
-                )
-            if name == "offload_optimizer" and stage == 0:
-                self.add(
-                    f"{path}.device",
-                    "offload_optimizer needs ZeRO stage 1, 2 or 3",
-                    'set "stage": 2 (or 3)',
-                )
-            if device == "nvme":
-                if not block.get("nvme_path"):
-                    self.add(
-                        f"{path}.nvme_path",
-                        "device is nvme but nvme_path is not set; DeepSpeed accepts this "
-                        "and fails later",
-                        "set nvme_path to a directory on a local NVMe drive",
-                    )
-                if stage != 3:
-                    self.add(
-                        f"{path}.device",
-                        f"NVMe offload needs ZeRO stage 3 (stage is {stage})",
-                        'set "stage": 3 or offload to "cpu"',
-                    )
+            self._offload_rules(name, zero.get(name), stage)
         for key in (
             "reduce_bucket_size",
             "allgather_bucket_size",
@@ -448,13 +520,61 @@ class _Checker:
                     severity="warning",
                 )
 
+    def _offload_rules(self, name: str, block: Any, stage: int) -> None:
+        if block is None:
+            return
+        path = f"zero_optimization.{name}"
+        if not isinstance(block, dict):
+            self.add(path, f"must be an object, not {block!r}")
+            return
+        device = block.get("device", "none")
+        if device not in OFFLOAD_DEVICES:
+            if not _is_auto(device):
+                self.add(f"{path}.device", f"must be one of none, cpu, nvme, not {device!r}")
+            return
+        if device == "none":
+            return
+        if name == "offload_param" and stage != 3:
+            self.add(
+                f"{path}.device",
+                f"offload_param needs ZeRO stage 3 but stage is {stage}; DeepSpeed accepts it, "
+                "ignores it silently and keeps the parameters on the accelerator",
+                'set "stage": 3 or remove offload_param',
+            )
+        if name == "offload_optimizer" and stage == 0:
+            self.add(
+                f"{path}.device",
+                "offload_optimizer needs ZeRO stage 1, 2 or 3; at stage 0 DeepSpeed accepts it "
+                "and keeps the optimizer state on the accelerator",
+                'set "stage": 2 (or 3)',
+            )
+        if device != "nvme":
+            return
+        if not block.get("nvme_path"):
+            self.add(
+                f"{path}.nvme_path",
+                "device is nvme but nvme_path is not set; DeepSpeed's parser accepts this and "
+                "the NVMe swapper fails later, once training starts",
+                "set nvme_path to a directory on a local NVMe drive",
+            )
+        if stage != 3:
+            what = (
+                "treats an NVMe optimizer offload as a CPU offload (no swapping to disk)"
+                if name == "offload_optimizer" and stage in (1, 2)
+                else "ignores it"
+            )
+            self.add(
+                f"{path}.device",
+                f"NVMe offload needs ZeRO stage 3 (stage is {stage}); DeepSpeed {what}",
+                'set "stage": 3 or offload to "cpu"',
+            )
+
     def optimizer_rules(self) -> None:
         schema = load_schema()
-        for block, known in (
-            ("optimizer", schema["optimizer_types"]),
-            ("scheduler", schema["scheduler_types"]),
-        ):
+        for block in ("optimizer", "scheduler"):
             node = self.config.get(block)
+            table = schema[f"{block}s"]
+            known = table["deepspeed"] + table["torch"]
             if node is None:
                 continue
             if not isinstance(node, dict):
@@ -464,18 +584,32 @@ class _Checker:
             if not isinstance(kind, str):
                 self.add(
                     f"{block}.type",
-                    f"missing or not a name: {kind!r}",
+                    f"missing or not a name ({kind!r}): DeepSpeed then builds no {block} and "
+                    "ignores the block silently",
                     f"one of {', '.join(known)}",
                 )
                 continue
-            names = known if block == "scheduler" else [k.lower() for k in known]
-            if (kind if block == "scheduler" else kind.lower()) not in names:
+            if _resolve_type(block, kind) is not None:
+                continue
+            if block == "optimizer" and kind.lower() in ONE_BIT_OPTIMIZERS:
                 self.add(
-                    f"{block}.type",
-                    f"`{kind}` is not a DeepSpeed {block}; DeepSpeed will look for it in torch",
-                    _suggest(kind, known),
-                    severity="warning",
+                    "optimizer.type",
+                    f"the 1-bit optimizer {kind} is gone from DeepSpeed 0.19.8: "
+                    f"deepspeed.initialize looks for torch.optim.{kind} and fails",
+                    f'use "{ONE_BIT_OPTIMIZERS[kind.lower()]}" (1-bit communication '
+                    "compression has no successor)",
                 )
+                continue
+            where = "torch.optim" if block == "optimizer" else "torch.optim.lr_scheduler"
+            self.add(
+                f"{block}.type",
+                f"`{kind}` is neither a DeepSpeed {block} nor a class in {where} (names there "
+                "are case-sensitive): deepspeed.initialize fails when it builds it",
+                _suggest(kind, known),
+            )
+        self._optimizer_values()
+
+    def _optimizer_values(self) -> None:
         params = self._get("optimizer.params")
         if isinstance(params, dict):
             lr = params.get("lr")
@@ -489,7 +623,8 @@ class _Checker:
             ):
                 self.add(
                     "optimizer.params.betas",
-                    f"must be two numbers in [0, 1), not {betas!r}",
+                    f"must be two numbers in [0, 1), not {betas!r}: torch's Adam refuses "
+                    "them, DeepSpeed's fused and CPU Adam train with them unchecked",
                     "[0.9, 0.999] is the usual choice",
                 )
         sched = self._get("scheduler.params")
@@ -498,22 +633,37 @@ class _Checker:
             if _is_number(warmup) and _is_number(total) and warmup > total:
                 self.add(
                     "scheduler.params.warmup_num_steps",
-                    f"warm-up ({warmup} steps) is longer than the schedule ({total} steps)",
+                    f"warm-up ({warmup} steps) is longer than the schedule ({total} steps); "
+                    "DeepSpeed only logs a warning and trains with it",
                     "shorten the warm-up or lengthen total_num_steps",
                 )
 
+    def checkpoint_rules(self) -> None:
+        mode = self._get("checkpoint.tag_validation")
+        modes = load_schema()["checkpoint_tag_validation_modes"]
+        if mode is not None and (not isinstance(mode, str) or mode.upper() not in modes):
+            self.add(
+                "checkpoint.tag_validation",
+                f"must be one of {', '.join(m.capitalize() for m in modes)}, not {mode!r}; "
+                "DeepSpeed refuses the config",
+                '"Warn" is the default',
+            )
+
     def activation_checkpointing_rules(self) -> None:
         ac = self.config.get("activation_checkpointing")
-        if not isinstance(ac, dict):
-            return
-        for key in ("cpu_checkpointing", "contiguous_memory_optimization"):
-            if ac.get(key) is True and ac.get("partition_activations") is not True:
-                self.add(
-                    f"activation_checkpointing.{key}",
-                    f"{key} has no effect without partition_activations",
-                    "set partition_activations to true or drop it",
-                    severity="warning",
-                )
+        # DeepSpeed 0.19.8 uses contiguous buffers only while partitioning activations;
+        # cpu_checkpointing works alone (it copies the checkpointed inputs to the CPU).
+        if (
+            isinstance(ac, dict)
+            and ac.get("contiguous_memory_optimization") is True
+            and ac.get("partition_activations") is not True
+        ):
+            self.add(
+                "activation_checkpointing.contiguous_memory_optimization",
+                "contiguous_memory_optimization acts only with partition_activations; "
+                "DeepSpeed ignores it silently",
+                "set partition_activations to true or drop it",
+            )
 
     # d. batch arithmetic ----------------------------------------------------------------
 
@@ -540,6 +690,21 @@ class _Checker:
             self.add(path, message, fix)
 
 
+def _resolve_type(block: str, kind: str) -> str | None:
+    """The name an optimizer or scheduler `type` is built under, or None if DeepSpeed cannot.
+
+    DeepSpeed's engine lower-cases an optimizer name of its own, else takes
+    `torch.optim.<type>` as written; a scheduler is `lr_schedules.<type>`, else
+    `torch.optim.lr_scheduler.<type>` (both lists measured into ds_schema.json).
+    """
+    table = load_schema()[f"{block}s"]
+    if block == "optimizer" and kind.lower() in table["deepspeed"]:
+        return kind.lower()
+    if kind in table["deepspeed"] or kind in table["torch"]:
+        return kind
+    return None
+
+
 def precision_of(config: dict[str, Any]) -> str:
     """`fp16`, `bf16` or `fp32`: what DeepSpeed trains in for this config."""
     if (config.get("fp16") or {}).get("enabled") is True:
@@ -557,8 +722,9 @@ def check_batch_arithmetic(
 ) -> tuple[str, str, str] | None:
     """Mirror DeepSpeed's batch rule for a real world size.
 
-    DeepSpeed needs train_batch_size = micro x accumulation x world size; given two of the
-    three it derives the third by integer division (so a remainder is silently lost).
+    DeepSpeed needs train_batch_size = micro x accumulation x world size. Given two of the
+    three it derives the third by integer division, then asserts the equation, so a
+    remainder makes it refuse the config (`_batch_assertion` in deepspeed/runtime/config.py).
     Returns (json path, message, fix) for the first violation, or None.
     """
     tbs, micro, gas = train_batch_size, micro_batch, accumulation
@@ -567,7 +733,8 @@ def check_batch_arithmetic(
     if tbs is None and micro is None:
         return (
             "train_micro_batch_size_per_gpu",
-            "neither train_batch_size nor train_micro_batch_size_per_gpu is set",
+            "neither train_batch_size nor train_micro_batch_size_per_gpu is set; DeepSpeed "
+            "refuses the config",
             "set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)",
         )
     if tbs is None:
@@ -578,7 +745,8 @@ def check_batch_arithmetic(
             return (
                 "train_batch_size",
                 f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({micro}) x "
-                f"gradient_accumulation_steps ({gas}) x {ws_text} = {per_rank * world}",
+                f"gradient_accumulation_steps ({gas}) x {ws_text} = {per_rank * world}; "
+                "DeepSpeed refuses the config",
                 f"set train_batch_size to {per_rank * world}, or drop it and let DeepSpeed "
                 "derive it (world size counts data-parallel ranks: with tensor or pipeline "
                 "parallelism pass --world-size DP)",
@@ -587,8 +755,8 @@ def check_batch_arithmetic(
             return (
                 "train_batch_size",
                 f"train_batch_size ({tbs}) is not a multiple of train_micro_batch_size_per_gpu "
-                f"({micro}) x gradient_accumulation_steps ({gas}) = {per_rank}, so no world "
-                "size fits",
+                f"({micro}) x gradient_accumulation_steps ({gas}) = {per_rank}, so DeepSpeed "
+                "refuses it at every world size",
                 "drop train_batch_size (DeepSpeed derives it) or fix the numbers",
             )
         return None
@@ -607,7 +775,8 @@ def check_batch_arithmetic(
             )
         return (
             "train_batch_size",
-            f"{equation}; DeepSpeed would drop the remainder",
+            f"{equation}; DeepSpeed derives the missing factor by integer division, then its "
+            "batch check fails and it refuses the config",
             f"use a multiple of {divisor}",
         )
     return None
@@ -620,7 +789,7 @@ def check_ds_config(
     world_size: int | None = None,
     allow_auto: bool = False,
 ) -> list[Problem]:
-    """Every problem dstrain finds in a parsed DeepSpeed config (errors and warnings)."""
+    """Every problem dstrain finds in a parsed DeepSpeed config (errors, warnings, notes)."""
     checker = _Checker(config, source)
     checker.unknown_keys()
     if not allow_auto:
@@ -630,8 +799,10 @@ def check_ds_config(
     values = _Checker(_strip_auto(config), source)
     values.precision_rules()
     values.clipping_rule()
+    values.parallel_size_rules()
     values.zero_rules()
     values.optimizer_rules()
+    values.checkpoint_rules()
     values.activation_checkpointing_rules()
     return checker.problems + values.problems
 
@@ -672,30 +843,58 @@ def deepspeed_parser_problems(config: dict[str, Any], source: str) -> list[Probl
         with redirect_fds():
             DeepSpeedConfig(parsed)
     except Exception as exc:  # DeepSpeed raises many types; each becomes one problem
-        return _translate_deepspeed_error(exc, source)
+        return _translate_deepspeed_error(exc, config, source)
     return []
 
 
-# DeepSpeed's pydantic config models and the JSON block each one parses.
-_MODEL_BLOCKS = {
-    "DeepSpeedZeroConfig": "zero_optimization",
-    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
-    "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
-    "DeepSpeedFP16Config": "fp16",
-    "DeepSpeedBF16Config": "bf16",
-    "CommsLoggerConfig": "comms_logger",
-    "DeepSpeedMonitorConfig": "",
-}
+def _model_block(title: str, config: dict[str, Any]) -> str:
+    """The JSON block a DeepSpeed pydantic model parsed (measured into ds_schema.json).
+
+    A model that parses two spellings (`bf16`, `bfloat16`) maps to the one present.
+    """
+    candidates = load_schema()["model_blocks"].get(title, [""])
+    checker = _Checker(config, "")
+    present = [c for c in candidates if c == "" or checker._get(c) is not None]
+    return (present or candidates)[0]
 
 
-def _translate_deepspeed_error(exc: Exception, source: str) -> list[Problem]:
+def _paths(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = _join(prefix, str(key))
+            out.append(path)
+            out.extend(_paths(value, path))
+    return out
+
+
+def _path_named_in(message: str, config: dict[str, Any]) -> str:
+    """The config path a plain DeepSpeed error message names, if any.
+
+    DeepSpeed quotes the key (`'nebula'`, `'zero_optimization.mics_shard_size'`) or writes
+    a snake_case name bare (`invalid tag_validation value`). A quoted name wins over a bare
+    one (a message may go on to name the keys to use instead), then the deepest path.
+    """
+    quoted, bare = [], []
+    for path in _paths(config):
+        key = path.rsplit(".", 1)[-1]
+        if any(f"{q}{name}{q}" in message for q in "'`\"" for name in (path, key)):
+            quoted.append(path)
+        elif "_" in key and re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message):
+            bare.append(path)
+    return max(quoted or bare, key=lambda p: p.count("."), default="")
+
+
+def _translate_deepspeed_error(
+    exc: Exception, config: dict[str, Any], source: str
+) -> list[Problem]:
     errors = getattr(exc, "errors", None)
     if callable(errors):  # a pydantic ValidationError from one of DeepSpeed's config models
         try:
             items = errors(include_url=False)
         except TypeError:
             items = errors()
-        block = _MODEL_BLOCKS.get(getattr(exc, "title", ""), "")
+        block = _model_block(getattr(exc, "title", ""), config)
         return [
             Problem(
                 source,
@@ -708,7 +907,10 @@ def _translate_deepspeed_error(exc: Exception, source: str) -> list[Problem]:
     message = str(exc).strip() or type(exc).__name__
     return [
         Problem(
-            source, "", f"DeepSpeed's parser: {type(exc).__name__}: {message}", origin="deepspeed"
+            source,
+            _path_named_in(message, config),
+            f"DeepSpeed's parser: {type(exc).__name__}: {message}",
+            origin="deepspeed",
         )
     ]
 
@@ -721,21 +923,17 @@ def validate_file(
     use_deepspeed: bool = True,
     stdin: Any = None,
 ) -> list[Problem]:
-    """Read, check, and (optionally) run DeepSpeed's parser on one config file."""
+    """Read, check, and (optionally) run DeepSpeed's parser on one config file.
+
+    DeepSpeed's own complaint (it stops at its first) is always reported beside dstrain's.
+    """
     config, problems = read_ds_json(path, stdin=stdin)
     if config is None:
         return problems
     source = "<stdin>" if path == "-" else path
     problems += check_ds_config(config, source, world_size=world_size, allow_auto=allow_auto)
     if use_deepspeed:
-        ours = {p.path for p in problems if p.severity == "error"}
-        theirs = deepspeed_parser_problems(config, source) or []
-        for problem in theirs:
-            if problem.path and problem.path in ours:
-                continue  # the same fault, already explained with a fix
-            if not problem.path and ours:
-                continue  # DeepSpeed stops at its first fault; ours are more specific
-            problems.append(problem)
+        problems += deepspeed_parser_problems(config, source) or []
     return problems
 
 

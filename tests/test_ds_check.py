@@ -11,7 +11,9 @@ from dstrain.ds_check import (
     check_ds_config,
     deepspeed_parser_problems,
     load_checked_ds_config,
+    load_schema,
     parse_ds_json,
+    validate_file,
 )
 from dstrain.errors import DstrainError
 
@@ -233,3 +235,188 @@ def test_null_values_are_fine():
         "pipeline": {"stages": "auto"},
     }
     assert check_ds_config(config) == []
+
+
+def problems_at(config, **kwargs):
+    return {p.path: p for p in check_ds_config({**BASE, **config}, "c.json", **kwargs)}
+
+
+@pytest.mark.parametrize(
+    ("config", "path", "hint"),
+    [
+        ({"curriculum_learning": {"enabled": True}}, "curriculum_learning", "data_sampling"),
+        ({"elasticity": {"enabled": True}}, "elasticity", "train_batch_size"),
+        ({"amp": {"enabled": True}}, "amp", "torch_autocast"),
+        (
+            {"zero_optimization": {"stage": 3, "mics_shard_size": 2}},
+            "zero_optimization.mics_shard_size",
+            "ZeRO-3",
+        ),
+    ],
+)
+def test_removed_blocks_are_errors_that_say_what_replaced_them(config, path, hint):
+    found = problems_at(config)[path]
+    assert found.severity == "error"
+    assert "refuses" in found.message and "0.19.8" in found.message
+    assert hint in found.fix
+
+
+def test_removed_keys_are_measured_apart_from_reads():
+    schema = load_schema()
+    assert "curriculum_learning" in schema["removed"][""]
+    assert "curriculum_learning" not in schema["blocks"][""]
+    assert "mics_shard_size" in schema["removed"]["zero_optimization"]
+
+
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        ({"sequence_parallel_size": 1, "data_parallel_size": 1}, None),
+        ({"zero_optimization": True, "allgather_size": 1000}, "zero_optimization"),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"fp32_optimizer_states": True}}},
+            None,
+        ),
+        ({"activation_checkpointing": {"cpu_checkpointing": True}}, None),
+        ({"compile": {"deepcompile": False}, "pipeline": {"use_reentrant": True}}, None),
+        ({"data_efficiency": {"data_sampling": {"num_workers": 2}}}, None),
+    ],
+)
+def test_keys_deepspeed_reads_outside_its_config_class_are_known(config, path):
+    assert errors({**BASE, **config}) == {}
+    if path is not None:  # the boolean ZeRO form is a warning only
+        assert problems_at(config)[path].severity == "warning"
+
+
+@pytest.mark.parametrize(("value", "words"), [(True, "stage 1"), (False, "stage 0")])
+def test_boolean_zero_optimization_says_what_deepspeed_does(value, words):
+    found = problems_at({"zero_optimization": value})["zero_optimization"]
+    assert found.severity == "warning" and words in found.message
+
+
+def test_allgather_size_without_boolean_zero_is_ignored_by_deepspeed():
+    found = errors({"zero_optimization": {"stage": 1}, "allgather_size": 1000})
+    assert "ignored" in found["allgather_size"].message
+
+
+def test_comment_keys_are_notes_where_deepspeed_ignores_them():
+    found = problems_at({"_comment": "x", "flops_profiler": {"_why": "y"}})
+    assert found["_comment"].severity == "note"
+    assert found["flops_profiler._why"].severity == "note"
+    assert errors({**BASE, "_comment": "x"}) == {}
+    # a pydantic-parsed block refuses any unknown key, `_` ones too
+    strict = errors({"zero_optimization": {"stage": 1, "_comment": "x"}})
+    assert "refuses" in strict["zero_optimization._comment"].message
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "words"),
+    [
+        ("OneBitAdam", "AdamW"),
+        ("ZeroOneAdam", "AdamW"),
+        ("OneBitLamb", "Lamb"),
+    ],
+)
+def test_one_bit_optimizers_are_errors(optimizer, words):
+    found = errors({"optimizer": {"type": optimizer, "params": {"lr": 1e-3}}})
+    assert "initialize" in found["optimizer.type"].message
+    assert words in found["optimizer.type"].fix
+
+
+@pytest.mark.parametrize(
+    ("block", "kind", "ok"),
+    [
+        ("optimizer", "adamw", True),  # DeepSpeed lower-cases its own names
+        ("optimizer", "SGD", True),  # torch.optim.SGD
+        ("optimizer", "sgd", False),  # torch.optim.sgd is a module
+        ("optimizer", "Shampoo", False),
+        ("scheduler", "WarmupLR", True),
+        ("scheduler", "StepLR", True),  # torch.optim.lr_scheduler.StepLR
+        ("scheduler", "warmuplr", False),
+    ],
+)
+def test_types_follow_deepspeeds_lookup(block, kind, ok):
+    params = {"step_size": 10} if kind == "StepLR" else {}
+    found = errors({block: {"type": kind, "params": params}})
+    assert (f"{block}.type" not in found) == ok, found
+
+
+def test_required_scheduler_params_and_missing_params_block():
+    found = errors({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5}}})
+    assert "total_num_steps" in found["scheduler.params.total_num_steps"].message
+    found = errors({"scheduler": {"type": "WarmupLR"}})
+    assert "TypeError" in found["scheduler.params"].message
+
+
+@pytest.mark.parametrize(
+    ("config", "path", "words"),
+    [
+        (
+            {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
+            "zero_optimization.offload_optimizer.device",
+            "stage 1, 2 or 3",
+        ),
+        (
+            {
+                "zero_optimization": {
+                    "stage": 2,
+                    "offload_optimizer": {"device": "nvme", "nvme_path": "/x"},
+                }
+            },
+            "zero_optimization.offload_optimizer.device",
+            "CPU offload",
+        ),
+        (
+            {
+                "scheduler": {
+                    "type": "WarmupDecayLR",
+                    "params": {"warmup_num_steps": 9, "total_num_steps": 3},
+                }
+            },
+            "scheduler.params.warmup_num_steps",
+            "longer than the schedule",
+        ),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 1.0]}}},
+            "optimizer.params.betas",
+            "[0, 1)",
+        ),
+        (
+            {"activation_checkpointing": {"contiguous_memory_optimization": True}},
+            "activation_checkpointing.contiguous_memory_optimization",
+            "partition_activations",
+        ),
+        ({"checkpoint": {"tag_validation": "often"}}, "checkpoint.tag_validation", "refuses"),
+        ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "bfloat16", "ignores"),
+        ({"data_parallel_size": 2}, "data_parallel_size", "sequence_parallel_size"),
+    ],
+)
+def test_cross_field_rules_live_here(config, path, words):
+    found = errors(config)
+    assert path in found, found
+    assert words in found[path].message + found[path].fix
+
+
+def test_batch_remainder_says_deepspeed_refuses():
+    found = errors({"train_batch_size": 36, "train_micro_batch_size_per_gpu": 4}, world_size=8)
+    assert "refuses" in found["train_batch_size"].message
+    assert "drop the remainder" not in found["train_batch_size"].message
+
+
+def test_deepspeed_complaint_is_reported_beside_ours(tmp_path):
+    pytest.importorskip("deepspeed")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**BASE, "gradient_clipp1ng": 1, "compile": {"disable": True}}))
+    problems = validate_file(str(path))
+    origins = {(p.origin, p.path) for p in problems if p.severity == "error"}
+    assert ("dstrain", "gradient_clipp1ng") in origins
+    assert ("dstrain", "compile.disable") in origins
+    assert ("deepspeed", "compile.disable") in origins  # the model's path, not `disable`
+
+
+def test_deepspeed_plain_errors_get_a_path():
+    pytest.importorskip("deepspeed")
+    problems = deepspeed_parser_problems({**BASE, "elasticity": {"enabled": True}}, "x")
+    assert problems[0].path == "elasticity"
+    bf16 = deepspeed_parser_problems({**BASE, "bfloat16": {"enabled": True, "x": 1}}, "x")
+    assert bf16[0].path == "bfloat16.x"
