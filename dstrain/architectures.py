@@ -164,26 +164,43 @@ def get_architecture(name: str) -> GenSLMArchitecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        pass
-    known = ", ".join(ARCHITECTURES)
-    close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise DstrainError(
-        f"unknown model architecture {name!r}.{hint} Known architectures: {known} "
-        "(or give a GPT-NeoX config.json path where a path is accepted)."
-    )
+        raise DstrainError(_unknown_architecture(name)) from None
 
 
 def resolve_architecture(spec: str | Path | GenSLMArchitecture) -> GenSLMArchitecture:
-    """A `--model` value: a registered name, a GPT-NeoX config.json, or a model directory."""
+    """The one `--model` resolver (train, estimate, convert-checkpoint, build_model): a
+    registered name, a GPT-NeoX config.json, or an HF model directory holding one.
+
+    Anything with a `/`, a `.json` ending or naming an existing path is read as a config;
+    any other value must be a registered name (case-sensitive).
+    """
     if isinstance(spec, GenSLMArchitecture):
         return spec
     text = str(spec)
     if text in ARCHITECTURES:
         return ARCHITECTURES[text]
-    if text.endswith(".json") or "/" in text or Path(text).is_dir():
+    if text.endswith(".json") or "/" in text or Path(text).exists():
         return architecture_from_hf_config(text)
-    return get_architecture(text)
+    raise DstrainError(_unknown_architecture(text))
+
+
+def _unknown_architecture(name: str) -> str:
+    """The one message for a `--model` value that names no registered architecture."""
+    close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1, cutoff=0.5)
+    same_but_case = [n for n in ARCHITECTURES if n.lower() == name.lower()]
+    hint = ""
+    if same_but_case:  # genslm_25m for genslm_25M: difflib alone may pick genslm_250M
+        hint = (
+            f" Did you mean {same_but_case[0]!r}? Names are case-sensitive "
+            "(M = million, B = billion parameters)."
+        )
+    elif close:
+        hint = f" Did you mean {close[0]!r}?"
+    return (
+        f"unknown model architecture {name!r} (--model {name}).{hint} Registered "
+        f"architectures: {', '.join(ARCHITECTURES)}; or give a GPT-NeoX config.json or an "
+        "HF model directory."
+    )
 
 
 def names_with_shape(arch: GenSLMArchitecture) -> list[str]:

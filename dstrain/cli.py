@@ -9,6 +9,7 @@ transformers or deepspeed import them inside their body, so `dstrain --help`,
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -26,140 +27,45 @@ def cli() -> None:
 # gen-config: settings -> DeepSpeed JSON
 # --------------------------------------------------------------------------------------
 
-# Each gen-config flag and the settings field it sets; also used to name flags in errors.
-GEN_CONFIG_FLAGS: dict[str, str] = {
-    "precision": "precision",
-    "zero": "zero_optimization.stage",
-    "offload_optimizer": "zero_optimization.offload_optimizer.device",
-    "offload_param": "zero_optimization.offload_param.device",
-    "nvme_path": "zero_optimization.offload_optimizer.nvme_path",
-    "overlap_comm": "zero_optimization.overlap_comm",
-    "reduce_bucket_size": "zero_optimization.reduce_bucket_size",
-    "allgather_bucket_size": "zero_optimization.allgather_bucket_size",
-    "stage3_prefetch_bucket_size": "zero_optimization.stage3_prefetch_bucket_size",
-    "stage3_max_live_parameters": "zero_optimization.stage3_max_live_parameters",
-    "stage3_param_persistence_threshold": "zero_optimization.stage3_param_persistence_threshold",
-    "gather_16bit_weights": "zero_optimization.stage3_gather_16bit_weights_on_model_save",
-    "loss_scale": "fp16.loss_scale",
-    "initial_scale_power": "fp16.initial_scale_power",
-    "loss_scale_window": "fp16.loss_scale_window",
-    "hysteresis": "fp16.hysteresis",
-    "consecutive_hysteresis": "fp16.consecutive_hysteresis",
-    "min_loss_scale": "fp16.min_loss_scale",
-    "micro_batch": "batch.train_micro_batch_size_per_gpu",
-    "grad_accum": "batch.gradient_accumulation_steps",
-    "global_batch": "batch.train_batch_size",
-    "clip": "gradient_clipping",
-    "lr": "optimizer.lr",
-    "weight_decay": "optimizer.weight_decay",
-    "adam_eps": "optimizer.eps",
-    "torch_adam": "optimizer.torch_adam",
-    "scheduler": "scheduler.type",
-    "warmup_steps": "scheduler.warmup_num_steps",
-    "total_steps": "scheduler.total_num_steps",
-    "activation_checkpointing": "activation_checkpointing.enabled",
-    "steps_per_print": "steps_per_print",
-    "wall_clock_breakdown": "wall_clock_breakdown",
-}
+
+class SettingsCommand(click.Command):
+    """A command whose options generated from the settings fields (`dstrain.cli_options`)
+    are made on first use, so listing the commands (`dstrain --help`) imports no pydantic."""
+
+    def __init__(self, *args, generated: Callable[[], list[click.Parameter]], **kwargs):
+        self._generate = generated
+        self._all_params: list[click.Parameter] | None = None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._all_params is None:  # one list object: click appends and pops on it
+            self._all_params = [*self._own_params, *self._generate()]
+        return self._all_params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own_params, self._all_params = list(value), None
 
 
-@cli.command("gen-config")
+def _deepspeed_options() -> list[click.Parameter]:
+    from dstrain.cli_options import click_params, deepspeed_specs
+
+    return click_params(deepspeed_specs())
+
+
+def _data_options() -> list[click.Parameter]:
+    from dstrain.cli_options import click_params, data_specs
+
+    return click_params(data_specs())
+
+
+@cli.command("gen-config", cls=SettingsCommand, generated=_deepspeed_options)
 @click.option(
     "--settings",
     "settings_file",
     type=click.Path(dir_okay=False),
     help="Start from a settings file (JSON, or TOML on Python 3.11+); flags override it.",
-)
-@click.option("--bf16", "precision", flag_value="bf16", help="bf16 mixed precision (default).")
-@click.option("--fp16", "precision", flag_value="fp16", help="fp16 with dynamic loss scaling.")
-@click.option("--fp32", "precision", flag_value="fp32", help="Full fp32 training.")
-@click.option("--zero", type=click.IntRange(0, 3), help="ZeRO stage 0-3 (default 2).")
-@click.option(
-    "--offload-optimizer",
-    type=click.Choice(["none", "cpu", "nvme"]),
-    help="Offload optimizer states (stages 1-3; nvme needs stage 3).",
-)
-@click.option(
-    "--offload-param",
-    type=click.Choice(["none", "cpu", "nvme"]),
-    help="Offload parameters (stage 3 only).",
-)
-@click.option("--nvme-path", help="NVMe directory for nvme offload (optimizer and params).")
-@click.option(
-    "--overlap-comm/--no-overlap-comm",
-    default=None,
-    help="Overlap gradient reduction with backward (default: DeepSpeed's).",
-)
-@click.option("--reduce-bucket-size", type=int, help="Elements reduced at once.")
-@click.option("--allgather-bucket-size", type=int, help="Elements all-gathered at once (1-2).")
-@click.option("--stage3-prefetch-bucket-size", type=int, help="Stage 3 prefetch, in elements.")
-@click.option("--stage3-max-live-parameters", type=int, help="Stage 3 live parameters cap.")
-@click.option(
-    "--stage3-param-persistence-threshold",
-    type=int,
-    help="Stage 3: smaller parameters stay unpartitioned.",
-)
-@click.option(
-    "--gather-16bit-weights/--no-gather-16bit-weights",
-    default=None,
-    help="Stage 3: gather 16-bit weights on save (default on).",
-)
-@click.option("--loss-scale", type=float, help="fp16 static loss scale (0 = dynamic).")
-@click.option("--initial-scale-power", type=int, help="fp16 dynamic scale starts at 2**N.")
-@click.option("--loss-scale-window", type=int, help="fp16 clean steps before the scale doubles.")
-@click.option("--hysteresis", type=int, help="fp16 overflows tolerated before halving.")
-@click.option(
-    "--consecutive-hysteresis/--no-consecutive-hysteresis",
-    default=None,
-    help="fp16: refill hysteresis after every clean step.",
-)
-@click.option("--min-loss-scale", type=float, help="fp16 floor of the dynamic scale.")
-@click.option("--micro-batch", type=int, help="train_micro_batch_size_per_gpu (default 4).")
-@click.option("--grad-accum", type=int, help="gradient_accumulation_steps (default 1).")
-@click.option(
-    "--global-batch",
-    type=int,
-    help="Pin train_batch_size; by default it is left out so DeepSpeed derives it "
-    "from the world size.",
-)
-@click.option("--clip", type=float, help="gradient_clipping (default 1.0; 0 disables).")
-@click.option("--lr", type=float, help="AdamW peak learning rate (default 5e-5).")
-@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01).")
-@click.option("--adam-eps", type=float, help="AdamW eps (default 1e-8).")
-@click.option(
-    "--torch-adam/--fused-adam",
-    default=None,
-    help="torch's AdamW (default) or DeepSpeed's FusedAdam (CUDA, JIT-built).",
-)
-@click.option(
-    "--scheduler",
-    type=click.Choice(["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]),
-    help="Learning-rate schedule (default WarmupLR).",
-)
-@click.option("--warmup-steps", type=int, help="Warm-up optimizer steps (default 100).")
-@click.option("--total-steps", type=int, help="Schedule length (WarmupDecayLR, WarmupCosineLR).")
-@click.option(
-    "--activation-checkpointing/--no-activation-checkpointing",
-    default=None,
-    help="Recompute activations in backward (less memory, ~1/3 more compute).",
-)
-@click.option("--steps-per-print", type=int, help="DeepSpeed's own print interval.")
-@click.option(
-    "--wall-clock-breakdown/--no-wall-clock-breakdown",
-    default=None,
-    help="Time forward/backward/step separately.",
-)
-@click.option(
-    "--csv-monitor",
-    "csv_monitor",
-    metavar="DIR",
-    help="Enable DeepSpeed's csv monitor writing under DIR.",
-)
-@click.option(
-    "--tensorboard",
-    "tensorboard",
-    metavar="DIR",
-    help="Enable DeepSpeed's tensorboard monitor writing under DIR.",
 )
 @click.option(
     "-o",
@@ -167,13 +73,7 @@ GEN_CONFIG_FLAGS: dict[str, str] = {
     type=click.Path(dir_okay=False),
     help="Write the JSON here (atomically) instead of stdout.",
 )
-def gen_config(
-    settings_file: str | None,
-    output: str | None,
-    csv_monitor: str | None,
-    tensorboard: str | None,
-    **flags,
-) -> None:
+def gen_config(settings_file: str | None, output: str | None, **flags) -> None:
     """Write a DeepSpeed JSON config from typed, validated settings.
 
     \b
@@ -182,38 +82,21 @@ def gen_config(
       dstrain gen-config --zero 3 --fp16 --loss-scale-window 500 --initial-scale-power 12
       dstrain gen-config --micro-batch 4 --grad-accum 8 --offload-optimizer cpu -o ds.json
     """
-    from dstrain.ds_config import build_ds_config, render_ds_config, write_text_atomic
-    from dstrain.settings import apply_overrides, make_deepspeed_settings, read_settings_file
+    from dstrain.cli_options import deepspeed_specs, ds_config_from_flags
+    from dstrain.ds_config import render_ds_config, write_text_atomic
+    from dstrain.settings import read_settings_file
 
     base = read_settings_file(settings_file) if settings_file else {}
-    overrides = {GEN_CONFIG_FLAGS[name]: value for name, value in flags.items()}
-    nvme_path = flags.get("nvme_path")
-    if nvme_path is not None:
-        overrides["zero_optimization.offload_param.nvme_path"] = nvme_path
-    for name, where in (("csv_monitor", csv_monitor), ("tensorboard", tensorboard)):
-        if where is not None:
-            overrides[f"{name}.enabled"] = True
-            overrides[f"{name}.output_path"] = where
-    data = apply_overrides(base, overrides)
     source = settings_file or "flags"
-    try:
-        settings = make_deepspeed_settings(data, source)
-    except DstrainError as exc:
-        raise DstrainError(_name_flags(str(exc))) from None
-    text = render_ds_config(build_ds_config(settings))
+    config, warnings = ds_config_from_flags(deepspeed_specs(), flags, base, source)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    text = render_ds_config(config)
     if output:
         write_text_atomic(output, text)
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
-
-
-def _name_flags(message: str) -> str:
-    """Append the flag that sets each settings field named in `message`."""
-    for name, field in sorted(GEN_CONFIG_FLAGS.items(), key=lambda item: -len(item[1])):
-        flag = "--" + name.replace("_", "-")
-        message = message.replace(f"\n  {field}:", f"\n  {field} ({flag}):")
-    return message
 
 
 # --------------------------------------------------------------------------------------
@@ -250,7 +133,8 @@ def validate(
 
     Reports every problem at once with its file and JSON path: unknown keys (with a
     did-you-mean), leftover "auto", settings DeepSpeed ignores silently, batch arithmetic
-    for the real world size, then DeepSpeed's own parser. Exit 0 valid, 1 invalid, 2 usage.
+    for the real world size, then DeepSpeed's own parser (its complaint is always shown).
+    Warnings and notes (such as `_comment` keys) never fail. Exit 0 valid, 1 invalid, 2 usage.
     """
     import json
 
@@ -337,7 +221,7 @@ def convert_checkpoint_command(
 # --------------------------------------------------------------------------------------
 
 
-@cli.command("prepare")
+@cli.command("prepare", cls=SettingsCommand, generated=_data_options)
 @click.argument("fasta", nargs=-1, required=True)
 @click.option(
     "-o",
@@ -347,29 +231,6 @@ def convert_checkpoint_command(
     type=click.Path(),
     help="Cache directory to write (replaced as a whole; reused when it matches).",
 )
-@click.option(
-    "--frame",
-    type=click.Choice(["0", "orf"]),
-    help="0: codons from each record's first base (default, upstream); orf: the "
-    "longest ATG...stop open reading frame, stop codon included.",
-)
-@click.option(
-    "--on-ambiguous",
-    type=click.Choice(["unk", "skip-record", "error"]),
-    help="Codons with IUPAC codes (N, R, Y...): [UNK] (default), drop the record, or stop.",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    help="Longest example in codons (default 2048); longer records become windows.",
-)
-@click.option("--window-overlap", type=int, help="Codons shared by consecutive windows (0).")
-@click.option(
-    "--val-fraction",
-    type=float,
-    help="Share of records held out for validation, by record-ID hash (0.1).",
-)
-@click.option("--split-seed", type=int, help="Salt of the record-ID hash (0).")
 @click.option(
     "--json",
     "as_json",
@@ -518,6 +379,7 @@ def hostfile_command(
         format_hostfile,
         hostfile_from_pbs,
         hostfile_from_slurm,
+        hostfile_world_size,
         parse_hostfile,
     )
 
@@ -525,7 +387,7 @@ def hostfile_command(
         raise click.UsageError("give exactly one of --from-slurm, --from-pbs, --check")
     if check_path is not None:
         entries = parse_hostfile(check_path)
-        total = sum(e.slots for e in entries)
+        total = hostfile_world_size(entries)
         click.echo(f"{check_path}: OK, {len(entries)} host(s), world size {total}")
         return
     if from_slurm:
@@ -552,7 +414,7 @@ def hostfile_command(
     text = format_hostfile(entries, comment=comment)
     if output:
         write_text_atomic(output, text)
-        total = sum(e.slots for e in entries)
+        total = hostfile_world_size(entries)
         click.echo(f"wrote {output}: {len(entries)} host(s), world size {total}", err=True)
     else:
         click.echo(text, nl=False)
@@ -673,7 +535,7 @@ def doctor_command(
     Exit 0 when nothing fails (warnings allowed), 1 otherwise.
     """
     from dstrain.doctor import Check, check_hosts, check_local, checks_json, format_checks
-    from dstrain.hostfile import parse_hostfile
+    from dstrain.hostfile import hostfile_world_size, parse_hostfile
 
     checks = check_local(output_dir)
     if hostfile is not None:
@@ -682,7 +544,7 @@ def doctor_command(
         except DstrainError as exc:
             checks.append(Check("hostfile", "fail", str(exc).replace("\n", " ")))
         else:
-            total = sum(e.slots for e in entries)
+            total = hostfile_world_size(entries)
             checks.append(Check("hostfile", "pass", f"{len(entries)} host(s), world size {total}"))
             checks += check_hosts(entries, timeout_s=timeout_s, ssh_port=ssh_port)
     click.echo(checks_json(checks) if as_json else format_checks(checks), nl=False)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from dstrain.ds_runtime import redirect_fds
-from dstrain.errors import DstrainError
 
 LOSS_SCALE_KEYS = (
     "loss_scale",
@@ -334,12 +333,13 @@ class _Checker:
                     "with a TypeError when it builds it",
                     _suggest(key, signature["keys"]),
                 )
-        missing = [key for key in signature["required"] if key not in params]
+        # null counts as missing: DeepSpeed passes None on and the schedule fails on it.
+        missing = [key for key in signature["required"] if params.get(key) is None]
         if missing:
             self.add(
                 f"{block}.params.{missing[0]}",
-                f"{node['type']} needs {', '.join(missing)} (no default): deepspeed.initialize "
-                "fails with a TypeError when it builds it",
+                f"{node['type']} needs {', '.join(missing)} (no default, and null is no "
+                "value): deepspeed.initialize or the first step fails on it",
                 f"set {', '.join(missing)}",
             )
 
@@ -705,15 +705,6 @@ def _resolve_type(block: str, kind: str) -> str | None:
     return None
 
 
-def precision_of(config: dict[str, Any]) -> str:
-    """`fp16`, `bf16` or `fp32`: what DeepSpeed trains in for this config."""
-    if (config.get("fp16") or {}).get("enabled") is True:
-        return "fp16"
-    if (config.get("bf16") or config.get("bfloat16") or {}).get("enabled") is True:
-        return "bf16"
-    return "fp32"
-
-
 def check_batch_arithmetic(
     train_batch_size: int | None,
     micro_batch: int | None,
@@ -935,20 +926,3 @@ def validate_file(
     if use_deepspeed:
         problems += deepspeed_parser_problems(config, source) or []
     return problems
-
-
-def load_checked_ds_config(path: str, *, world_size: int | None = None) -> dict[str, Any]:
-    """Read a DeepSpeed JSON for training: any error-level problem raises `DstrainError`."""
-    config, problems = read_ds_json(path)
-    if config is not None:
-        problems += check_ds_config(config, path, world_size=world_size)
-    errors = [p for p in problems if p.severity == "error"]
-    if errors:
-        lines = "\n  ".join(p.format() for p in errors)
-        raise DstrainError(
-            f"the DeepSpeed config {path} has {len(errors)} problem(s):\n  {lines}\n"
-            f"Check it with `dstrain validate {path}`, or write a fresh one with "
-            "`dstrain gen-config`."
-        )
-    assert config is not None
-    return config

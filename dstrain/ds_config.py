@@ -11,18 +11,22 @@ data-parallel world size at start-up, so one file fits 1 GPU or 64.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstrain.settings import DeepSpeedSettings, Monitor, Offload, ZeroSettings
+
+if TYPE_CHECKING:
+    from dstrain.ds_check import Problem
 
 
 def _offload_block(offload: Offload) -> dict[str, Any]:
     block: dict[str, Any] = {"device": offload.device}
-    if offload.nvme_path:
+    if offload.device == "nvme" and offload.nvme_path:
         block["nvme_path"] = offload.nvme_path
     block["pin_memory"] = offload.pin_memory
     return block
@@ -30,8 +34,18 @@ def _offload_block(offload: Offload) -> dict[str, Any]:
 
 def _zero_block(zero: ZeroSettings) -> dict[str, Any]:
     block: dict[str, Any] = {"stage": zero.stage}
+    # An offload is written whatever the stage, so `check_ds_config` sees (and refuses) one
+    # the stage cannot do, exactly as in a foreign file.
+    offloads = {
+        name: _offload_block(offload)
+        for name, offload in (
+            ("offload_optimizer", zero.offload_optimizer),
+            ("offload_param", zero.offload_param),
+        )
+        if offload.device != "none"
+    }
     if zero.stage == 0:
-        return block
+        return block | offloads
     if zero.overlap_comm is not None:
         block["overlap_comm"] = zero.overlap_comm
     block["contiguous_gradients"] = zero.contiguous_gradients
@@ -47,11 +61,7 @@ def _zero_block(zero: ZeroSettings) -> dict[str, Any]:
             zero.stage3_gather_16bit_weights_on_model_save
         )
         block["sub_group_size"] = zero.sub_group_size
-    if zero.offload_optimizer.device != "none":
-        block["offload_optimizer"] = _offload_block(zero.offload_optimizer)
-    if zero.offload_param.device != "none":
-        block["offload_param"] = _offload_block(zero.offload_param)
-    return block
+    return block | offloads
 
 
 def _scheduler_block(settings: DeepSpeedSettings) -> dict[str, Any] | None:
@@ -139,6 +149,66 @@ def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
     if settings.tensorboard.enabled:
         config["tensorboard"] = _monitor_block(settings.tensorboard)
     return config
+
+
+# Where `build_ds_config` takes each JSON key from, where the two names differ (the
+# longest matching prefix wins; every other key has the settings field's own path).
+_SETTINGS_OF_JSON = {
+    "train_batch_size": "batch.train_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps": "batch.gradient_accumulation_steps",
+    "bf16": "precision",
+    "fp16.enabled": "precision",
+    "optimizer.params": "optimizer",
+    "scheduler.params.warmup_max_lr": "optimizer.lr",
+    "scheduler.params": "scheduler",
+}
+
+
+def settings_path_of(json_path: str) -> str:
+    """The `DeepSpeedSettings` field that writes DeepSpeed key `json_path`
+    (`train_batch_size` -> `batch.train_batch_size`, `scheduler.params.total_num_steps` ->
+    `scheduler.total_num_steps`); a key with no field of its own maps to its block's."""
+    if json_path == "activation_checkpointing":  # the block's presence is the switch
+        return "activation_checkpointing.enabled"
+    parts = json_path.split(".")
+    for cut in range(len(parts), 0, -1):
+        mapped = _SETTINGS_OF_JSON.get(".".join(parts[:cut]))
+        if mapped is not None:
+            parts = [*mapped.split("."), *parts[cut:]]
+            break
+    while len(parts) > 1 and not _is_field(".".join(parts)):
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_field(path: str) -> bool:
+    model: Any = DeepSpeedSettings
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def check_built_config(
+    settings: DeepSpeedSettings, source: str = "settings", *, world_size: int | None = None
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Build the JSON for `settings` and check it as strictly as any foreign file.
+
+    Returns the config and every problem: the settings the builder would drop
+    (`DeepSpeedSettings.unused_settings`, for settings made with `defer_rules=True`), then
+    `check_ds_config`'s. Each problem's `path` is the settings field to change (JSON paths
+    are mapped back with `settings_path_of`), so a command can name the flag that sets it.
+    """
+    from dstrain.ds_check import Problem, check_ds_config
+
+    config = build_ds_config(settings)
+    problems = [Problem(source, path, message) for path, message in settings.unused_settings()]
+    for problem in check_ds_config(config, source, world_size=world_size):
+        problems.append(dataclasses.replace(problem, path=settings_path_of(problem.path)))
+    return config, problems
 
 
 def render_ds_config(config: dict[str, Any]) -> str:

@@ -523,3 +523,15 @@ def load_ds_run(
         )
     assert config is not None
     return CheckedConfig(config, resolve_ds_run(config), path)
+
+
+def with_monitor_dir(checked: CheckedConfig, directory: str) -> CheckedConfig:
+    """`checked` with every enabled monitor that has no output_path writing under
+    `directory` (DeepSpeed would write beside the launching script)."""
+    config = dict(checked.config)
+    for monitor in checked.run.monitors:
+        if monitor.enabled and not monitor.output_path:
+            config[monitor.name] = {**config[monitor.name], "output_path": directory}
+    if config == checked.config:
+        return checked
+    return CheckedConfig(config, resolve_ds_run(config), checked.source)

@@ -10,9 +10,8 @@ The result is written with `save_pretrained` (safetensors), so
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,29 @@ import torch
 
 from dstrain.architectures import GenSLMArchitecture
 from dstrain.checkpoints import read_model_states, resolve_checkpoint
-from dstrain.ds_check import precision_of
+from dstrain.ds_run import resolve_ds_run
 from dstrain.errors import DstrainError
+from dstrain.publish import publish_dir
+
+
+def _check_export_dir(out_dir: Path, ckpt_dir: Path, *, overwrite: bool) -> None:
+    """Replace an existing `out_dir` only with `overwrite`, only if it is a model directory,
+    and never when it holds the checkpoint being exported."""
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise DstrainError(f"{out_dir} exists; pass --overwrite to replace it.")
+    resolved = out_dir.resolve()
+    if resolved == ckpt_dir.resolve() or resolved in ckpt_dir.resolve().parents:
+        raise DstrainError(
+            f"{out_dir} holds the checkpoint being exported; choose another output "
+            "directory (e.g. RUN_DIR/export)."
+        )
+    if not (out_dir / "config.json").is_file():
+        raise DstrainError(
+            f"{out_dir} exists and is not a model directory (no config.json), so "
+            "--overwrite will not delete it; choose a new output directory."
+        )
 
 
 @dataclass(frozen=True)
@@ -72,11 +92,11 @@ def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any
     fp32 runs' module weights are the masters; 16-bit runs keep their masters in the
     optimizer state (`_stage0_masters`), and an export never settles for rounded weights.
     """
-    config = states.get("ds_config", {})
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0:
+    # The DeepSpeed config the engine ran with (DeepSpeed stores it in the model states).
+    run = resolve_ds_run(states.get("ds_config") or {})
+    if run.zero.stage == 0:
         state = {k: v.float() for k, v in states["module"].items()}
-        if precision_of(config) == "fp32":
+        if run.precision == "fp32":
             return state
         masters = _stage0_masters(states.get("optimizer") or {}, model)
         if not masters:
@@ -117,36 +137,17 @@ def export_checkpoint(
     state = consolidated_fp32_state_dict(ckpt_dir, tag, states, model)
     load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not overwrite:
-            raise DstrainError(f"{out_dir} exists; pass --overwrite to replace it.")
-        resolved = out_dir.resolve()
-        if resolved == ckpt_dir.resolve() or resolved in ckpt_dir.resolve().parents:
-            raise DstrainError(
-                f"{out_dir} holds the checkpoint being exported; choose another output "
-                "directory (e.g. RUN_DIR/export)."
-            )
-        if not (out_dir / "config.json").is_file():
-            raise DstrainError(
-                f"{out_dir} exists and is not a model directory (no config.json), so "
-                "--overwrite will not delete it; choose a new output directory."
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    check = functools.partial(_check_export_dir, out_dir, ckpt_dir, overwrite=overwrite)
+    check()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
+    # A failed or interrupted export leaves an earlier export at out_dir as it was.
+    with publish_dir(out_dir, before_replace=check) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         build_hf_tokenizer().save_pretrained(staging)
         if export_pt:
             torch.save(model.state_dict(), staging / "pytorch_model.pt")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(
         out_dir, arch.name, sum(t.numel() for t in state.values()), meta.get("step")
     )

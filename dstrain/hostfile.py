@@ -11,6 +11,7 @@ limited to characters a host name can hold, so nothing odd ever reaches pdsh or 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,15 @@ def parse_hostfile(path: str | Path) -> list[HostEntry]:
     return parse_hostfile_text(text, str(path))
 
 
+def hostfile_world_size(entries: Iterable[HostEntry]) -> int:
+    """Total ranks these hostfile entries launch: the sum of their slots (the one place
+    it is summed: `validate`, `estimate`, `launch`, `hostfile` and `doctor` all ask here)."""
+    return sum(entry.slots for entry in entries)
+
+
 def world_size_from_hostfile(path: str | Path) -> int:
-    """Total ranks a hostfile launches: the sum of its slots."""
-    return sum(entry.slots for entry in parse_hostfile(path))
+    """Total ranks the hostfile at `path` launches."""
+    return hostfile_world_size(parse_hostfile(path))
 
 
 def format_hostfile(entries: list[HostEntry], *, comment: str = "") -> str:

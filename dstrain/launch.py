@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstrain.errors import DstrainError
-from dstrain.hostfile import HostEntry, parse_hostfile
+from dstrain.hostfile import HostEntry, hostfile_world_size, parse_hostfile
 
 # DeepSpeed's launcher backends (deepspeed/launcher/constants.py) and the program each one
 # needs on PATH (its `backend_exists`).
@@ -332,7 +332,7 @@ def preflight_launch(
     remote shell would reinterpret, and the DeepSpeed config named by
     `--deepspeed_config` in `train_args` with the batch arithmetic for that world size.
     """
-    from dstrain.ds_check import load_checked_ds_config
+    from dstrain.ds_run import load_ds_run
 
     del no_ssh_check, master_port  # accepted so both functions take the same keywords
     relative_to = cwd
@@ -364,7 +364,7 @@ def preflight_launch(
         else:
             hosts, more = _active_hosts(listed, num_nodes, num_gpus)
             problems += more
-            world_size = sum(entry.slots for entry in hosts)
+            world_size = hostfile_world_size(hosts)
 
     if no_ssh:
         count = len(hosts) if hostfile is not None else 1
@@ -409,9 +409,15 @@ def preflight_launch(
         if relative_to is not None and not Path(config_path).is_absolute():
             config_path = str(Path(relative_to) / config_path)
         try:
-            load_checked_ds_config(config_path, world_size=world_size)
+            run = load_ds_run(config_path, world_size=world_size).run
         except DstrainError as exc:
             problems.append(f"{exc} (world size {world_size})")
+        else:
+            tbs, micro, accum = run.batch.resolve(world_size)
+            notes.append(
+                f"{config_path}: {run.describe()}; global batch {tbs} = micro {micro} x "
+                f"accumulation {accum} x {world_size} ranks"
+            )
 
     if problems:
         raise DstrainError(

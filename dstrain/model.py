@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from dstrain.architectures import (
 )
 from dstrain.codons import CLS_ID, PAD_ID, SEP_ID
 from dstrain.errors import DstrainError
+from dstrain.publish import publish_dir
 
 try:  # transformers 5 validates configs with huggingface_hub's strict dataclasses
     from huggingface_hub.errors import StrictDataclassError as _ConfigError
@@ -470,33 +470,6 @@ def _check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def _atomic_output_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside `out_dir`; on success it becomes `out_dir`.
-
-    A failure removes the temporary directory and leaves any existing `out_dir` as it was.
-    """
-    _check_output_dir(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _check_output_dir(out_dir, overwrite=overwrite)  # again: time has passed
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.replace(old / out_dir.name)
-            try:
-                tmp.replace(out_dir)
-            except BaseException:
-                (old / out_dir.name).replace(out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     arch_name: str | GenSLMArchitecture,
@@ -519,7 +492,9 @@ def convert_checkpoint(
     arch = resolve_architecture(arch_name)
     _check_output_dir(out_dir, overwrite=overwrite)  # fail before the slow part
     model = load_init_checkpoint(arch, src, trust_checkpoint=trust_checkpoint)
-    with _atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    # Checked again before the swap: another process may have written there meanwhile.
+    recheck = functools.partial(_check_output_dir, out_dir, overwrite=overwrite)
+    with publish_dir(out_dir, before_replace=recheck) as tmp:
         model.save_pretrained(tmp)
         build_hf_tokenizer().save_pretrained(tmp)
     return ConvertedCheckpoint(

@@ -10,9 +10,10 @@ Layout of a cache directory (1 byte per codon: the 69-token vocabulary fits in u
 `prepare_dataset` reuses a cache whose manifest names the same format, vocabulary, input
 file hashes (in the same order) and token-shaping settings; `padding` and `loss_on_pad`
 act at batch time and do not invalidate it. Otherwise it rebuilds into a temporary sibling
-directory, writes `manifest.json` last, and renames the directory into place, so an
-interrupted prepare leaves either the old cache or none, never a half one that looks valid
-(it may leave a `.NAME.partial-*` directory next to it, safe to delete). Call it from one
+directory, writes `manifest.json` last, and publishes it with `dstrain.publish.publish_dir`
+(fsync, then rename into place), so an interrupted prepare leaves either the old cache or
+none, never a half one that looks valid (it may leave a `.NAME.partial-*` directory next
+to it, safe to delete). Call it from one
 process (rank 0) and let the others wait, then `load_prepared`.
 """
 
@@ -22,9 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from dstrain.fasta import (
     iter_codon_records,
     window_bounds,
 )
+from dstrain.publish import publish_dir
 from dstrain.settings import DataSettings
 
 CACHE_FORMAT = "dstrain-codon-cache"
@@ -227,9 +226,8 @@ def report_json(prepared: PreparedData) -> str:
 def _build(
     paths: list[Path], sources: list[dict], cache_dir: Path, settings: DataSettings
 ) -> PreparedData:
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.partial-", dir=cache_dir.parent))
-    try:
+    # Built beside the old cache, swapped in whole: a failure leaves the old one as it was.
+    with publish_dir(cache_dir) as tmp_dir:
         report = _write_splits(paths, tmp_dir, settings)
         manifest = {
             "format": CACHE_FORMAT,
@@ -241,11 +239,9 @@ def _build(
             "settings": settings.model_dump(mode="json"),
             "report": report,
         }
-        _write_file(tmp_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-        _swap_into_place(tmp_dir, cache_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        (tmp_dir / MANIFEST_NAME).write_text(
+            json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
+        )
     return _load(cache_dir, manifest, reused=False)
 
 
@@ -278,9 +274,6 @@ def _write_splits(paths: list[Path], out_dir: Path, settings: DataSettings) -> d
                     handles[split].write(record.ids[start:end].tobytes())
                     offsets[split].append(offsets[split][-1] + end - start)
             file_reports.append(report)
-        for handle in handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
     for split in SPLITS:
         np.save(out_dir / f"{split}_offsets.npy", np.asarray(offsets[split], dtype=np.int64))
 
@@ -305,24 +298,6 @@ def _write_splits(paths: list[Path], out_dir: Path, settings: DataSettings) -> d
         },
         "files": [r.to_dict() for r in file_reports],
     }
-
-
-def _swap_into_place(new_dir: Path, cache_dir: Path) -> None:
-    """Replace `cache_dir` by `new_dir` with renames (the old cache is removed after)."""
-    if not cache_dir.exists():
-        os.rename(new_dir, cache_dir)
-        return
-    old_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
-    os.rename(cache_dir, old_dir / "cache")
-    os.rename(new_dir, cache_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _describe_source(path: Path) -> dict[str, Any]:

@@ -12,7 +12,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from dstrain.errors import DstrainError
 
@@ -300,72 +307,113 @@ class DeepSpeedSettings(_Node):
     """DeepSpeed's tensorboard monitor (needs the tensorboard package)."""
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> DeepSpeedSettings:
-        """Every cross-field rule, reported together."""
-        problems = []
-        zero = self.zero_optimization
-        if self.precision != "fp16" and self.fp16.model_fields_set:
-            keys = ", ".join(sorted(self.fp16.model_fields_set))
-            problems.append(
-                f"fp16 loss scaling ({keys}) is set but precision is {self.precision}: "
-                "loss scaling applies only to fp16; drop it or use --fp16"
-            )
-        for name in ("offload_optimizer", "offload_param"):
-            offload: Offload = getattr(zero, name)
-            if offload.device == "nvme" and not offload.nvme_path:
-                problems.append(
-                    f"zero_optimization.{name}.device is nvme but nvme_path is not set: "
-                    "give the directory of a local NVMe drive"
-                )
-        if zero.offload_param.device != "none" and zero.stage != 3:
-            problems.append(
-                f"zero_optimization.offload_param needs stage 3 (stage is {zero.stage}); "
-                "DeepSpeed would silently ignore it: use --zero 3 or drop the param offload"
-            )
-        if zero.offload_optimizer.device != "none" and zero.stage == 0:
-            problems.append(
-                "zero_optimization.offload_optimizer needs stage 1, 2 or 3 (stage is 0)"
-            )
-        if zero.offload_optimizer.device == "nvme" and zero.stage != 3:
-            problems.append(
-                f"NVMe optimizer offload needs stage 3 (stage is {zero.stage}); use cpu offload "
-                "or --zero 3"
-            )
-        stage3_set = {k for k in zero.model_fields_set if k.startswith("stage3_")}
-        if zero.stage != 3 and stage3_set:
-            problems.append(
-                f"{', '.join(sorted(stage3_set))} only apply to stage 3 (stage is {zero.stage})"
-            )
-        batch = self.batch
-        per_rank = batch.train_micro_batch_size_per_gpu * batch.gradient_accumulation_steps
-        if batch.train_batch_size is not None and batch.train_batch_size % per_rank:
-            problems.append(
-                f"train_batch_size ({batch.train_batch_size}) is not a multiple of "
-                f"micro batch ({batch.train_micro_batch_size_per_gpu}) x gradient accumulation "
-                f"({batch.gradient_accumulation_steps}) = {per_rank}, so no world size fits"
-            )
-        sched = self.scheduler
-        if sched.type in ("WarmupDecayLR", "WarmupCosineLR"):
-            if sched.total_num_steps is None:
-                problems.append(f"scheduler {sched.type} needs total_num_steps")
-            elif sched.warmup_num_steps > sched.total_num_steps:
-                problems.append(
-                    f"scheduler warmup_num_steps ({sched.warmup_num_steps}) exceeds "
-                    f"total_num_steps ({sched.total_num_steps})"
-                )
-        if any(not 0.0 <= beta < 1.0 for beta in self.optimizer.betas):
-            problems.append(f"optimizer betas {self.optimizer.betas} must each be in [0, 1)")
-        ac = self.activation_checkpointing
-        if (ac.cpu_checkpointing or ac.contiguous_memory_optimization) and not (
-            ac.partition_activations
-        ):
-            problems.append(
-                "activation_checkpointing cpu_checkpointing and contiguous_memory_optimization "
-                "need partition_activations"
-            )
+    def _check_combinations(self, info: ValidationInfo) -> DeepSpeedSettings:
+        """Refuse settings the JSON builder would drop without a word (all at once).
+
+        Rules about the JSON itself (offload below its stage, NVMe without a path, the batch
+        equation, warm-up longer than the schedule, betas) live in `dstrain.ds_check`, which
+        every built config goes through (`ds_config.check_built_config`), like any foreign
+        file. With `context={"defer_rules": True}` these are left to the caller, which
+        reports them together with the JSON checks (`gen-config`).
+        """
+        if (info.context or {}).get("defer_rules"):
+            return self
+        problems = [f"{path}: {message}" for path, message in self.unused_settings()]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def unused_settings(self) -> list[tuple[str, str]]:
+        """(settings path, message) for each setting given that the built JSON would not
+        carry, or that the builder cannot do without; every one, not just the first."""
+        problems: list[tuple[str, str]] = []
+        for key in sorted(self.fp16.model_fields_set):
+            if self.precision != "fp16":
+                problems.append(
+                    (
+                        f"fp16.{key}",
+                        f"fp16 loss scaling is set but precision is {self.precision}: loss "
+                        "scaling applies only to fp16; drop it or use --fp16",
+                    )
+                )
+        zero = self.zero_optimization
+        for key in sorted(zero.model_fields_set):
+            stages = ZERO_KNOB_STAGES.get(key)
+            if stages is not None and zero.stage not in stages:
+                where = ", ".join(map(str, sorted(stages)))
+                problems.append(
+                    (
+                        f"zero_optimization.{key}",
+                        f"{key} applies to stage {where} only (stage is {zero.stage})",
+                    )
+                )
+        offloads = {name: getattr(zero, name) for name in ("offload_optimizer", "offload_param")}
+        if not any(o.device == "nvme" for o in offloads.values()):
+            seen = set()  # one problem for one path set on both (gen-config's --nvme-path)
+            for name, offload in offloads.items():
+                path = offload.nvme_path
+                if (
+                    "nvme_path" in offload.model_fields_set
+                    and path is not None
+                    and path not in seen
+                ):
+                    seen.add(path)
+                    problems.append(
+                        (
+                            f"zero_optimization.{name}.nvme_path",
+                            "nvme_path is set but no offload goes to nvme: use "
+                            "--offload-optimizer nvme / --offload-param nvme, or drop it",
+                        )
+                    )
+        for name, offload in offloads.items():
+            if offload.device == "none" and "pin_memory" in offload.model_fields_set:
+                problems.append(
+                    (f"zero_optimization.{name}.pin_memory", f"{name} is off (device none)")
+                )
+        sched = self.scheduler
+        used = SCHEDULER_FIELDS[sched.type]
+        for key in sorted(sched.model_fields_set - used - {"type"}):
+            problems.append((f"scheduler.{key}", f"scheduler {sched.type} does not use {key}"))
+        ac = self.activation_checkpointing
+        if not ac.enabled:
+            for key in sorted(ac.model_fields_set - {"enabled"}):
+                problems.append(
+                    (f"activation_checkpointing.{key}", "activation checkpointing is off")
+                )
+        for name in ("csv_monitor", "tensorboard"):
+            monitor: Monitor = getattr(self, name)
+            if not monitor.enabled:
+                for key in sorted(monitor.model_fields_set - {"enabled"}):
+                    problems.append((f"{name}.{key}", f"the {name} is off"))
+        return problems
+
+
+ZERO_KNOB_STAGES: dict[str, frozenset[int]] = {
+    "overlap_comm": frozenset({1, 2, 3}),
+    "contiguous_gradients": frozenset({1, 2, 3}),
+    "reduce_bucket_size": frozenset({1, 2, 3}),
+    "allgather_bucket_size": frozenset({1, 2}),
+    "stage3_prefetch_bucket_size": frozenset({3}),
+    "stage3_param_persistence_threshold": frozenset({3}),
+    "stage3_max_live_parameters": frozenset({3}),
+    "stage3_max_reuse_distance": frozenset({3}),
+    "stage3_gather_16bit_weights_on_model_save": frozenset({3}),
+    "sub_group_size": frozenset({3}),
+}
+"""ZeRO knobs and the stages at which dstrain's JSON carries them (DeepSpeed reads them
+only there)."""
+
+SCHEDULER_FIELDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "WarmupLR": frozenset({"warmup_num_steps", "warmup_min_lr", "warmup_type"}),
+    "WarmupDecayLR": frozenset(
+        {"warmup_num_steps", "warmup_min_lr", "warmup_type", "total_num_steps"}
+    ),
+    "WarmupCosineLR": frozenset(
+        {"warmup_num_steps", "warmup_type", "total_num_steps", "warmup_min_ratio", "cos_min_ratio"}
+    ),
+}
+"""The scheduler settings each DeepSpeed schedule takes (the rest would be dropped)."""
 
 
 def settings_error_message(exc: ValidationError, source: str) -> str:
@@ -405,11 +453,13 @@ def read_settings_file(path: str | Path) -> dict:
     return data
 
 
-def make_deepspeed_settings(data: dict, source: str = "settings") -> DeepSpeedSettings:
+def make_deepspeed_settings(
+    data: dict, source: str = "settings", *, defer_rules: bool = False
+) -> DeepSpeedSettings:
     """Validate a dict into `DeepSpeedSettings`, or raise one `DstrainError` listing every
-    problem with its field path."""
+    problem with its field path. `defer_rules` leaves `unused_settings()` to the caller."""
     try:
-        return DeepSpeedSettings.model_validate(data)
+        return DeepSpeedSettings.model_validate(data, context={"defer_rules": defer_rules})
     except ValidationError as exc:
         raise DstrainError(settings_error_message(exc, source)) from None
 
@@ -448,8 +498,8 @@ class TrainSettings(_Node):
     """Where the token cache goes; default OUTPUT_DIR/cache."""
 
     deepspeed_config: str | None = None
-    """DeepSpeed JSON; unset means dstrain's defaults (ZeRO-2; bf16 on GPU, fp32 on CPU),
-    written to OUTPUT_DIR/ds_config.json."""
+    """DeepSpeed JSON; unset means one built from the DeepSpeed flags (gen-config's) over
+    the DeepSpeed settings' defaults, written to OUTPUT_DIR/ds_config.json."""
 
     output_dir: str = "runs/demo"
     """Run directory: metrics.jsonl, checkpoints/, export/, cache/."""

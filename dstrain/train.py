@@ -31,6 +31,7 @@ stream simply runs on until that step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,104 +45,28 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dstrain.ds_check import load_checked_ds_config, precision_of
-from dstrain.ds_config import build_ds_config, render_ds_config, write_text_atomic
+from dstrain.ds_config import render_ds_config, write_text_atomic
+from dstrain.ds_run import CheckedConfig, DsRun, load_ds_run, resolve_ds_run, with_monitor_dir
 from dstrain.errors import DstrainError
-from dstrain.settings import DataSettings, TrainSettings, make_deepspeed_settings
+from dstrain.settings import TrainSettings
 
 # --------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    fields = TrainSettings.model_fields
-    data_fields = DataSettings.model_fields
-
-    def helptext(name: str, table=fields) -> str:
-        return " ".join((table[name].description or "").split())
-
-    p = argparse.ArgumentParser(
-        prog="dstrain train",
-        description="Fine-tune a GenSLM model with DeepSpeed ZeRO. With no arguments: "
-        "genslm_tiny on the bundled H3N2 HA/NA set.",
-    )
-    p.add_argument(
-        "--local_rank",
-        "--local-rank",
-        type=int,
-        default=None,
-        help="Set by the deepspeed launcher (read from LOCAL_RANK otherwise).",
-    )
-    p.add_argument("--deepspeed_config", "--deepspeed-config", help=helptext("deepspeed_config"))
-    p.add_argument("--deepspeed", action="store_true", help="Accepted for compatibility.")
-    p.add_argument("--model", help=helptext("model"))
-    p.add_argument("--fasta", nargs="+", help=helptext("fasta"))
-    p.add_argument("--cache-dir", help=helptext("cache_dir"))
-    p.add_argument("--output-dir", help=helptext("output_dir"))
-    p.add_argument("--max-steps", type=int, help=helptext("max_steps"))
-    p.add_argument("--epochs", type=float, help=helptext("epochs"))
-    p.add_argument("--eval-every", type=int, help=helptext("eval_every"))
-    p.add_argument("--save-every", type=int, help=helptext("save_every"))
-    p.add_argument("--log-every", type=int, help=helptext("log_every"))
-    p.add_argument("--keep-best", type=int, help=helptext("keep_best"))
-    p.add_argument("--resume", nargs="?", const="auto", help=helptext("resume"))
-    p.add_argument("--init-checkpoint", help=helptext("init_checkpoint"))
-    p.add_argument(
-        "--trust-checkpoint", action="store_true", default=None, help=helptext("trust_checkpoint")
-    )
-    p.add_argument("--seed", type=int, help=helptext("seed"))
-    p.add_argument("--frame", choices=["0", "orf"], help=helptext("frame", data_fields))
-    p.add_argument(
-        "--on-ambiguous",
-        choices=["unk", "skip-record", "error"],
-        help=helptext("on_ambiguous", data_fields),
-    )
-    p.add_argument("--max-length", type=int, help=helptext("max_length", data_fields))
-    p.add_argument("--window-overlap", type=int, help=helptext("window_overlap", data_fields))
-    p.add_argument("--val-fraction", type=float, help=helptext("val_fraction", data_fields))
-    p.add_argument("--split-seed", type=int, help=helptext("split_seed", data_fields))
-    p.add_argument(
-        "--padding", choices=["longest", "max_length"], help=helptext("padding", data_fields)
-    )
-    p.add_argument(
-        "--loss-on-pad",
-        action="store_true",
-        default=None,
-        help=helptext("loss_on_pad", data_fields),
-    )
-    p.add_argument("--max-eval-batches", type=int, help=helptext("max_eval_batches"))
-    p.add_argument("--skip-window", type=int, help=helptext("skip_window"))
-    p.add_argument("--max-skipped-share", type=float, help=helptext("max_skipped_share"))
-    p.add_argument(
-        "--no-export",
-        dest="export",
-        action="store_false",
-        default=None,
-        help="Skip writing OUTPUT_DIR/export at the end.",
-    )
-    p.add_argument("--export-pt", action="store_true", default=None, help=helptext("export_pt"))
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="No progress bar.",
-    )
-    p.add_argument("--timeout-s", type=float, help=helptext("timeout_s"))
-    p.add_argument("--dump-params", action="store_true", default=None, help=helptext("dump_params"))
-    p.add_argument("--settings", help="A JSON settings file (TrainSettings); flags override it.")
-    p.add_argument(
-        "--num-gpus",
-        type=int,
-        help="Hand off to the deepspeed launcher with this many local ranks.",
-    )
-    p.add_argument("--hostfile", help="Hand off to the deepspeed launcher with this hostfile.")
-    return p
-
-
-DEMO_EPOCHS = 12
-"""Epochs of the no-argument demo (genslm_tiny on the bundled H3N2 set): ~200 steps."""
+DEMO_PRESET: dict[str, Any] = {
+    "epochs": 12,
+    "deepspeed": {
+        "batch": {"train_micro_batch_size_per_gpu": 8},
+        "optimizer": {"lr": 1e-3},
+        "scheduler": {"warmup_num_steps": 10},
+        "steps_per_print": 1_000_000,
+    },
+}
+"""The no-argument demo (genslm_tiny from scratch on the bundled H3N2 set, ~200 steps):
+12 epochs, micro batch 8, 10 warm-up steps, lr 1e-3 (a from-scratch rate), and DeepSpeed's
+own progress line off (the loop logs every step). Flags given still override it."""
 
 _RUN_SHAPING = (
     "fasta",
@@ -154,17 +79,56 @@ _RUN_SHAPING = (
 )
 """Without any of these, `dstrain train` is the bundled demo."""
 
-_DATA_FLAGS = (
-    "frame",
-    "on_ambiguous",
-    "max_length",
-    "window_overlap",
-    "val_fraction",
-    "split_seed",
-    "padding",
-    "loss_on_pad",
-)
-_LAUNCH_ONLY = ("local_rank", "deepspeed", "settings", "num_gpus", "hostfile")
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """train's flags: TrainSettings' and DeepSpeedSettings' fields (`dstrain.cli_options`:
+    name, type, default and help from each field), plus the launcher's few."""
+    from dstrain.cli_options import (
+        TRAIN_PRECISION_DEFAULT,
+        add_argparse_arguments,
+        deepspeed_specs,
+        train_specs,
+    )
+
+    demo = DEMO_PRESET["deepspeed"]
+    p = argparse.ArgumentParser(
+        prog="dstrain train",
+        description="Fine-tune a GenSLM model with DeepSpeed ZeRO. With none of "
+        + ", ".join(
+            "--" + name.replace("_", "-").replace("-config", "_config") for name in _RUN_SHAPING
+        )
+        + ": the demo preset, genslm_tiny from scratch on the bundled H3N2 HA/NA set with "
+        f"epochs {DEMO_PRESET['epochs']}, micro batch "
+        f"{demo['batch']['train_micro_batch_size_per_gpu']}, "
+        f"warm-up {demo['scheduler']['warmup_num_steps']} steps, lr {demo['optimizer']['lr']:g} "
+        "and DeepSpeed's own progress print off (flags still override it). The defaults "
+        "shown below are the settings' own, used outside the demo.",
+    )
+    p.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="Set by the deepspeed launcher (read from LOCAL_RANK otherwise).",
+    )
+    p.add_argument("--deepspeed", action="store_true", help="Accepted for compatibility.")
+    add_argparse_arguments(p, train_specs())
+    p.add_argument("--settings", help="A JSON settings file (TrainSettings); flags override it.")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        help="Hand off to the deepspeed launcher with this many local ranks.",
+    )
+    p.add_argument("--hostfile", help="Hand off to the deepspeed launcher with this hostfile.")
+    group = p.add_argument_group(
+        "DeepSpeed settings (instead of --deepspeed_config; the same flags as `dstrain "
+        "gen-config`)",
+        "Without --deepspeed_config the DeepSpeed config is built from these, checked like "
+        "any file, and written to OUTPUT_DIR/ds_config.json. The precision default there "
+        f"is {TRAIN_PRECISION_DEFAULT}.",
+    )
+    add_argparse_arguments(group, deepspeed_specs(precision_default=TRAIN_PRECISION_DEFAULT))
+    return p
 
 
 def fresh_demo_dir(base: str = "runs/demo") -> str:
@@ -176,34 +140,75 @@ def fresh_demo_dir(base: str = "runs/demo") -> str:
     return str(candidate)
 
 
+def is_demo(args: argparse.Namespace) -> bool:
+    return all(getattr(args, name) is None for name in _RUN_SHAPING)
+
+
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """Merge a settings file (if any) and the flags into validated `TrainSettings`."""
+    """Merge a settings file (if any), the demo preset (for the demo) and the flags into
+    validated `TrainSettings`."""
     from pydantic import ValidationError
 
-    from dstrain.settings import read_settings_file, settings_error_message
+    from dstrain.cli_options import flag_of_path, overrides_from_values, train_specs
+    from dstrain.settings import apply_overrides, read_settings_file, settings_error_message
 
+    specs = train_specs()
     data: dict[str, Any] = read_settings_file(args.settings) if args.settings else {}
-    data.setdefault("data", {})
-    if all(getattr(args, name) is None for name in _RUN_SHAPING):
-        data.setdefault("epochs", DEMO_EPOCHS)  # the bundled demo: long enough to learn
+    if is_demo(args):
+        data.setdefault("epochs", DEMO_PRESET["epochs"])
         if args.output_dir is None and args.resume is None:
             data["output_dir"] = fresh_demo_dir()
-    for name, value in vars(args).items():
-        if value is None or name in _LAUNCH_ONLY:
-            continue
-        if name in _DATA_FLAGS:
-            data["data"][name] = value
-        else:
-            data[name] = value
+    data = apply_overrides(data, overrides_from_values(specs, vars(args)))
     try:
         return TrainSettings.model_validate(data)
     except ValidationError as exc:
-        message = settings_error_message(exc, args.settings or "flags")
-        for name in sorted(TrainSettings.model_fields, key=len, reverse=True):
-            message = message.replace(f"\n  {name}:", f"\n  --{name.replace('_', '-')}:")
-        for name in DataSettings.model_fields:
-            message = message.replace(f"\n  data.{name}:", f"\n  --{name.replace('_', '-')}:")
-        raise DstrainError(message, exit_code=2) from None
+        lines = settings_error_message(exc, args.settings or "flags").split("\n  ")
+        for index, line in enumerate(lines[1:], start=1):
+            path, _, rest = line.partition(": ")
+            flag = flag_of_path(specs, path)
+            lines[index] = f"{flag}: {rest}" if flag else line
+        raise DstrainError("\n  ".join(lines), exit_code=2) from None
+
+
+def deepspeed_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The DeepSpeed flags given (dest -> value); a usage error next to --deepspeed_config."""
+    from dstrain.cli_options import deepspeed_specs
+
+    given = {}
+    for spec in deepspeed_specs():
+        value = getattr(args, spec.dest)
+        if value is not None:
+            given[spec.flag_for(value)] = (spec.dest, value)
+    if given and args.deepspeed_config is not None:
+        raise DstrainError(
+            f"give --deepspeed_config or DeepSpeed flags ({', '.join(given)}), not both: "
+            "put those settings in the JSON (dstrain gen-config writes one), or drop "
+            "--deepspeed_config",
+            exit_code=2,
+        )
+    return dict(given.values())
+
+
+def train_ds_config(flags: dict[str, Any], *, demo: bool, world_size: int) -> CheckedConfig:
+    """The DeepSpeed config without --deepspeed_config: DeepSpeedSettings' defaults, the
+    demo preset for the demo, the device's precision (bf16 on a GPU that supports it, else
+    fp32: bf16 matmuls are slow on CPUs), then the DeepSpeed flags given; checked like any
+    file, each problem naming its flag."""
+    import torch
+
+    from dstrain.cli_options import deepspeed_specs, ds_config_from_flags
+
+    base = json.loads(json.dumps(DEMO_PRESET["deepspeed"])) if demo else {}
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    base["precision"] = "bf16" if bf16 else "fp32"
+    source = "the demo preset and DeepSpeed flags" if demo else "the DeepSpeed flags"
+    config, warnings = ds_config_from_flags(
+        deepspeed_specs(), flags, base, source, world_size=world_size
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return CheckedConfig(config, resolve_ds_run(config), source)
 
 
 # --------------------------------------------------------------------------------------
@@ -236,27 +241,6 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def default_ds_config(*, from_scratch: bool) -> dict[str, Any]:
-    """The config used without --deepspeed_config: ZeRO-2, bf16 on GPUs that have it
-    (fp32 on CPU, where bf16 matmuls are slow), micro batch 8, a short warm-up; lr 1e-3
-    when training from scratch, 5e-5 when fine-tuning an --init-checkpoint."""
-    import torch
-
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    settings = make_deepspeed_settings(
-        {
-            "precision": "bf16" if bf16 else "fp32",
-            "zero_optimization": {"stage": 2},
-            "batch": {"train_micro_batch_size_per_gpu": 8},
-            "optimizer": {"lr": 1e-3 if from_scratch else 5e-5},
-            "scheduler": {"type": "WarmupLR", "warmup_num_steps": 10},
-            "steps_per_print": 1_000_000,  # dstrain logs every step itself
-        },
-        "dstrain's default DeepSpeed settings",
-    )
-    return build_ds_config(settings)
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -496,24 +480,30 @@ def check_output_dir(output_dir: Path) -> None:
         ) from None
 
 
-def run(settings: TrainSettings) -> int:
+def run(
+    settings: TrainSettings, ds_flags: dict[str, Any] | None = None, *, demo: bool = False
+) -> int:
+    """One training run. Without `settings.deepspeed_config` the DeepSpeed config comes
+    from `ds_flags` (DeepSpeed flags given, dest -> value) over the settings' defaults and,
+    for the `demo`, `DEMO_PRESET`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     output_dir = Path(settings.output_dir)
 
     # 1. The DeepSpeed config: checked strictly before anything is built.
     if settings.deepspeed_config:
         try:
-            ds_config = load_checked_ds_config(settings.deepspeed_config, world_size=world)
+            checked = load_ds_run(settings.deepspeed_config, world_size=world)
         except DstrainError as exc:
             raise same_on_all_ranks(exc) from None
         config_source = settings.deepspeed_config
     else:
-        ds_config = default_ds_config(from_scratch=settings.init_checkpoint is None)
-        config_source = "dstrain defaults (written to ds_config.json)"
-    for monitor in ("csv_monitor", "tensorboard"):
-        block = ds_config.get(monitor)
-        if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
-            block["output_path"] = str(output_dir / "monitor")  # "" means the run's directory
+        try:
+            checked = train_ds_config(ds_flags or {}, demo=demo, world_size=world)
+        except DstrainError as exc:
+            raise same_on_all_ranks(exc) from None
+        config_source = "the demo preset" if demo else "DeepSpeed flags and defaults"
+        config_source += " (written to ds_config.json)"
+    checked = with_monitor_dir(checked, str(output_dir / "monitor"))  # "" = the run's dir
     check_output_dir(output_dir)
 
     # 2. Processes.
@@ -532,7 +522,7 @@ def run(settings: TrainSettings) -> int:
     stop = StopRequest()
     restore_signals = stop.install()
     try:
-        trainer = Trainer(settings, ds_config, config_source, arch, stop)
+        trainer = Trainer(settings, checked, config_source, arch, stop)
         return trainer.fit()
     finally:
         restore_signals()
@@ -546,50 +536,230 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """How far the run goes: fixed once the data and the batch layout are known."""
+
+    micro_per_epoch: int
+    """Micro-batches per epoch on each rank (the DistributedSampler pads every rank's share
+    to ceil(examples / world), cut into micro-batches, the last one short)."""
+
+    total_steps: int
+    """Optimizer steps the run ends at (--max-steps, or what --epochs give)."""
+
+    unused_tail: int
+    """Micro-batches at the end of the final epoch left out: fewer than one accumulation
+    window, so they would make a step at the wrong scale (always 0 with --max-steps)."""
+
+
+def plan_run(
+    num_examples: int,
+    *,
+    world: int,
+    micro: int,
+    accum: int,
+    epochs: float,
+    max_steps: int | None,
+) -> RunPlan:
+    """The run's plan, pure arithmetic. E.g. 96 examples on 2 ranks, micro 4, accum 4:
+    ceil(48 / 4) = 12 micro-batches per epoch per rank; 2.5 epochs = 30 micro-batches
+    = 7 steps of 4, and the last 2 micro-batches are not used."""
+    micro_per_epoch = math.ceil(math.ceil(num_examples / world) / micro)
+    if max_steps is not None:  # the stream runs on across epochs until that step
+        return RunPlan(micro_per_epoch=micro_per_epoch, total_steps=max_steps, unused_tail=0)
+    planned_micro = int(epochs * micro_per_epoch)
+    total_steps, unused_tail = divmod(planned_micro, accum)
+    if total_steps == 0:
+        raise DstrainError(
+            f"no optimizer step would run: {epochs:g} epoch(s) give {planned_micro} "
+            f"micro-batch(es) per rank ({num_examples} examples / {world} ranks / micro batch "
+            f"{micro}) but gradient_accumulation_steps is {accum}. Raise --epochs, or lower "
+            "the micro batch or accumulation."
+        )
+    return RunPlan(
+        micro_per_epoch=micro_per_epoch, total_steps=total_steps, unused_tail=unused_tail
+    )
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the data stream and the evaluation stand. Saved in every checkpoint's
+    client_state as a plain dict (`to_dict`) under "loop", restored with `from_dict`."""
+
+    epoch: int = 0
+    """The epoch being trained (its shuffle is seeded with seed + epoch)."""
+    micro_in_epoch: int = 0
+    """Micro-batches of `epoch` this rank has trained on; a resumed run starts after them."""
+    samples_seen: int = 0
+    """Sequences this rank trained on, all epochs (the summary sums over ranks)."""
+    tokens_seen: int = 0
+    """Positions fed to the model, pads included."""
+    useful_tokens_seen: int = 0
+    """Real codons fed to the model."""
+    best_val_loss: float | None = None
+    """Lowest finite validation loss so far (None before the first evaluation)."""
+    last_val_loss: float | None = None
+    """The latest evaluation's loss."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
+        """The saved dict over the defaults (keys it lacks keep their start values)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclasses.dataclass
+class ThroughputWindow:
+    """Training work on this rank since the last log row, evaluation or save."""
+
+    loss_sum: float = 0.0
+    """Sum of the micro-batch losses (the row's loss is loss_sum / micro_batches)."""
+    micro_batches: int = 0
+    """Micro-batches (forward + backward) in the window."""
+    tokens: int = 0
+    """Positions, pads included."""
+    real_tokens: int = 0
+    """Real codons (the `useful_tokens_per_s` column)."""
+    samples: int = 0
+    """Sequences (the `samples_per_s` column)."""
+    started: float = dataclasses.field(default_factory=time.time)
+    """time.time() when the window opened."""
+
+    def add(self, loss: float, num_tokens: int, num_real_tokens: int, num_samples: int) -> None:
+        """One micro-batch."""
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.tokens += num_tokens
+        self.real_tokens += num_real_tokens
+        self.samples += num_samples
+
+    def summed_over_ranks(self, all_reduce) -> ThroughputWindow:
+        """The window of the whole job: every count summed by `all_reduce(list) -> list`
+        (one collective: every rank must call it at the same step)."""
+        loss, micro, tokens, real, samples = all_reduce(
+            [self.loss_sum, self.micro_batches, self.tokens, self.real_tokens, self.samples]
+        )
+        return ThroughputWindow(
+            loss, int(micro), int(tokens), int(real), int(samples), started=self.started
+        )
+
+
+def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
+    """The model (random or --init-checkpoint weights) wrapped by `deepspeed.initialize`."""
+    import deepspeed
+    import torch
+
+    from dstrain.model import build_model, load_init_checkpoint
+
+    torch.manual_seed(settings.seed)
+    model = build_model(arch)
+    if settings.init_checkpoint:
+        load_init_checkpoint(
+            model, settings.init_checkpoint, trust_checkpoint=settings.trust_checkpoint
+        )
+    model.config.use_cache = False
+    run = checked.run
+    if run.activation_checkpointing.enabled:
+        # The block asks for recomputation; DeepSpeed's own checkpointing API serves
+        # Megatron-style models, so GPT-NeoX recomputes its layers through HF's switch.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups = param_groups(model, run.optimizer.weight_decay)
+    try:
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=dict(checked.config)
+        )
+    except ValueError as exc:
+        if "not supported on your device" not in str(exc):
+            raise
+        raise DstrainError(
+            f"{run.precision} is not supported on this device ({exc}). fp16 needs a "
+            "GPU; on CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
+        ) from None
+    return engine
+
+
 class Trainer:
-    """One run around one DeepSpeed engine. `fit` reads top to bottom: output, data, model
-    and engine, plan, resume, banner, loop, finish; the other methods are its steps."""
+    """One run around one DeepSpeed engine. `__init__` builds all of it (run files, data,
+    engine, plan, resume point, banner, telemetry), so every attribute exists once it
+    returns; `fit` runs the loop and the finish."""
 
     def __init__(
         self,
         settings: TrainSettings,
-        ds_config: dict[str, Any],
+        checked: CheckedConfig,
         config_source: str,
         arch,
         stop: StopRequest,
     ):
         import deepspeed.comm as dist
 
-        self.settings, self.ds_config, self.config_source = settings, ds_config, config_source
+        from dstrain.batching import CodonCollator, CodonDataset
+
+        self.settings, self.checked, self.config_source = settings, checked, config_source
+        self.run = checked.run  # the only reading of the DeepSpeed JSON (dstrain.ds_run)
         self.arch, self.stop, self.dist = arch, stop, dist
-        self.precision = precision_of(ds_config)
+        self.precision = self.run.precision
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.log = RankZeroLog(self.rank)
         self.output_dir = Path(settings.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        self.loop = {
-            "epoch": 0,
-            "micro_in_epoch": 0,
-            "samples_seen": 0,
-            "tokens_seen": 0,
-            "useful_tokens_seen": 0,
-            "best_val_loss": None,
-            "last_val_loss": None,
-        }
+        self._write_run_files()
+
+        # Data: rank 0 tokenizes (or reuses the cache), every rank opens it.
+        self.prepared, self.sources, self.cache_dir = load_data(
+            settings, self.output_dir, self.rank, dist
+        )
+        # padding and loss_on_pad act at batch time: this run's flags, not the cache's.
+        self.data_settings = self.prepared.settings.model_copy(
+            update={"padding": settings.data.padding, "loss_on_pad": settings.data.loss_on_pad}
+        )
+        self.train_set = CodonDataset(self.prepared.train)
+        self.val_set = CodonDataset(self.prepared.val)
+        self.collate = CodonCollator.from_settings(self.data_settings)
+
+        # Model, engine, and the plan from the engine's batch layout.
+        self.engine = build_engine(arch, settings, checked)
+        self.micro = self.engine.train_micro_batch_size_per_gpu()
+        self.accum = self.engine.gradient_accumulation_steps()
+        try:
+            self.plan = plan_run(
+                len(self.train_set),
+                world=self.world,
+                micro=self.micro,
+                accum=self.accum,
+                epochs=settings.epochs,
+                max_steps=settings.max_steps,
+            )
+        except DstrainError as exc:
+            raise same_on_all_ranks(exc) from None
+
+        # Resume point: loads the checkpoint into the engine, returns the loop state.
+        self.loop, self.start_step = self._resume()
         self.last_eval_step: int | None = None
-        self.metrics = None
-        self.bar = None
+
+        self.estimate = estimate_run_memory(
+            arch, self.run, self.world, self._longest_sequence(), self.micro
+        )
+        self._banner()
+
+        # Telemetry: the fp16 guard, the throughput window, metrics.jsonl, the bar.
+        self.guard = Fp16Guard(
+            settings.skip_window, settings.max_skipped_share, self.run.fp16.min_loss_scale
+        )
+        self.skipped_seen = self.engine.skipped_steps
+        self.start_time = time.time()
+        self.window = ThroughputWindow()
+        self.metrics = self._open_metrics()
+        self.bar = self._open_progress_bar()
+        self.log.bar = self.bar
 
     # -- fit ------------------------------------------------------------------------------
 
     def fit(self) -> int:
-        self.write_run_files()
-        self.load_data()
-        self.build_engine()
-        self.plan()
-        self.resume()
-        self.banner()
-        self.open_telemetry()
+        """The loop, then the finish (or, after SIGTERM/SIGINT, a save and exit 0)."""
         try:
             stopped_by = self.train_loop()
         finally:
@@ -608,88 +778,22 @@ class Trainer:
             return 0
         return self.finish()
 
-    def write_run_files(self) -> None:
+    # -- building (called from __init__ only) ----------------------------------------------
+
+    def _write_run_files(self) -> None:
         if self.rank == 0:
-            write_text_atomic(self.output_dir / "ds_config.json", render_ds_config(self.ds_config))
+            write_text_atomic(
+                self.output_dir / "ds_config.json", render_ds_config(dict(self.checked.config))
+            )
             write_text_atomic(
                 self.output_dir / "settings.json", self.settings.model_dump_json(indent=2) + "\n"
             )
 
-    def load_data(self) -> None:
-        from dstrain.batching import CodonCollator, CodonDataset
-
-        prepared, self.sources, self.cache_dir = load_data(
-            self.settings, self.output_dir, self.rank, self.dist
-        )
-        self.prepared = prepared
-        self.data_settings = prepared.settings.model_copy(
-            update={
-                "padding": self.settings.data.padding,
-                "loss_on_pad": self.settings.data.loss_on_pad,
-            }
-        )
-        self.train_set = CodonDataset(prepared.train)
-        self.val_set = CodonDataset(prepared.val)
-        self.collate = CodonCollator.from_settings(self.data_settings)
-
-    def build_engine(self) -> None:
-        import deepspeed
-        import torch
-
-        from dstrain.model import build_model, load_init_checkpoint
-
-        torch.manual_seed(self.settings.seed)
-        model = build_model(self.arch)
-        if self.settings.init_checkpoint:
-            load_init_checkpoint(
-                model,
-                self.settings.init_checkpoint,
-                trust_checkpoint=self.settings.trust_checkpoint,
-            )
-        model.config.use_cache = False
-        if "activation_checkpointing" in self.ds_config:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        params = (self.ds_config.get("optimizer") or {}).get("params") or {}
-        groups = param_groups(model, params.get("weight_decay", 0.0))
-        try:
-            self.engine, *_ = deepspeed.initialize(
-                model=model, model_parameters=groups, config=self.ds_config
-            )
-        except ValueError as exc:
-            if "not supported on your device" not in str(exc):
-                raise
-            raise DstrainError(
-                f"{self.precision} is not supported on this device ({exc}). fp16 needs a "
-                "GPU; on CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
-            ) from None
-        self.micro = self.engine.train_micro_batch_size_per_gpu()
-        self.accum = self.engine.gradient_accumulation_steps()
-
-    def plan(self) -> None:
-        """Optimizer steps to run, and the epoch tail that cannot make a full window."""
-        self.micro_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.world) / self.micro)
-        self.unused_tail = 0
-        if self.settings.max_steps is not None:
-            self.total_steps = self.settings.max_steps
-            return
-        planned_micro = int(self.settings.epochs * self.micro_per_epoch)
-        self.total_steps, self.unused_tail = divmod(planned_micro, self.accum)
-        if self.total_steps == 0:
-            raise same_on_all_ranks(
-                DstrainError(
-                    f"no optimizer step would run: {self.settings.epochs:g} epoch(s) give "
-                    f"{planned_micro} micro-batch(es) per rank ({len(self.train_set)} examples / "
-                    f"{self.world} ranks / micro batch {self.micro}) but gradient_accumulation_steps "
-                    f"is {self.accum}. Raise --epochs, or lower the micro batch or accumulation."
-                )
-            )
-
-    def resume(self) -> None:
+    def _resume(self) -> tuple[LoopState, int]:
+        """Rank 0 picks the checkpoint (or none) and checks it; all ranks agree, then load
+        it. Returns the loop state and the step the run starts from."""
         from dstrain.checkpoints import load_run_checkpoint, restore_rng_state
 
-        self.start_step = 0
         where, failure = None, None
         if self.rank == 0:
             try:
@@ -702,21 +806,22 @@ class Trainer:
         decision = [where]
         self.dist.broadcast_object_list(decision, src=0)
         if decision[0] is None:
-            return
+            return LoopState(), 0
         ckpt_dir, tag = decision[0]
         client = load_run_checkpoint(self.engine, ckpt_dir, tag).get("dstrain", {})
-        self.loop.update(client.get("loop", {}))
+        loop = LoopState.from_dict(client.get("loop", {}))
         rng = client.get("rng", {}).get(str(self.rank))
         if rng is not None:
             restore_rng_state(rng)
-        self.start_step = self.engine.global_steps
-        self._truncate_metrics(self.start_step)
-        self.log(f"resumed from {ckpt_dir / tag} at step {self.start_step}")
-        if self.start_step >= self.total_steps:
+        start_step = self.engine.global_steps
+        self._truncate_metrics(start_step)
+        self.log(f"resumed from {ckpt_dir / tag} at step {start_step}")
+        if start_step >= self.plan.total_steps:
             self.log(
-                f"the checkpoint is already at step {self.start_step}, the planned end "
-                f"({self.total_steps}): nothing to train. Pass --max-steps to go further."
+                f"the checkpoint is already at step {start_step}, the planned end "
+                f"({self.plan.total_steps}): nothing to train. Pass --max-steps to go further."
             )
+        return loop, start_step
 
     def _resume_point(self):
         from dstrain.checkpoints import read_latest_tag, resolve_checkpoint
@@ -773,18 +878,28 @@ class Trainer:
         if len(kept) != len(lines):
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
-    def banner(self) -> None:
+    def _longest_sequence(self) -> int:
+        """Tokens in the longest batch row: what the activation estimate needs."""
+        if self.data_settings.padding == "max_length":
+            return self.data_settings.max_length
+        return int(self.prepared.train.lengths().max())
+
+    def _banner(self) -> None:
         from dstrain.memory import format_run_banner
 
         log, arch, engine, prepared = self.log, self.arch, self.engine, self.prepared
         seq_per_step = self.micro * self.accum * self.world
         mean_len = prepared.train.num_tokens / max(1, len(prepared.train))
         log(
-            f"dstrain | {arch.name} ({arch.num_params():,} params) | {self.precision} | "
-            f"ZeRO-{engine.zero_optimization_stage()} | world size {self.world} | "
-            f"device {engine.device}"
+            f"dstrain | {arch.name} ({arch.num_params():,} params) | {self.run.describe()} | "
+            f"world size {self.world} | device {engine.device}"
         )
         log(f"  config: {self.config_source}")
+        for note in self.run.notes:
+            log(f"  config note: {note}")
+        built = engine_run_mismatch(engine, self.run)
+        if built:  # ds_run mirrors DeepSpeed's parser; a new DeepSpeed may read differently
+            log(f"  warning: the engine differs from the config as dstrain read it: {built}")
         log(
             f"  data: {len(self.train_set)} train / {len(self.val_set)} val examples "
             f"({prepared.train.num_tokens:,} train codons, mean {mean_len:.0f}) from "
@@ -799,53 +914,43 @@ class Trainer:
             f"padding {self.data_settings.padding}"
             f"{', loss on pads' if self.data_settings.loss_on_pad else ''}"
         )
+        plan = self.plan
         tail = (
-            f"; the last {self.unused_tail} micro-batch(es) of the final epoch make a "
+            f"; the last {plan.unused_tail} micro-batch(es) of the final epoch make a "
             "partial accumulation window and are not used"
-            if self.unused_tail
+            if plan.unused_tail
             else ""
         )
         log(
-            f"  steps: {engine.global_steps} -> {self.total_steps} ({self.micro_per_epoch} "
+            f"  steps: {engine.global_steps} -> {plan.total_steps} ({plan.micro_per_epoch} "
             f"micro-batches per epoch per rank{tail})"
         )
-        longest = (
-            self.data_settings.max_length
-            if self.data_settings.padding == "max_length"
-            else int(prepared.train.lengths().max())
-        )
-        self.estimate = estimate_run_memory(arch, self.ds_config, self.world, longest, self.micro)
         for line in format_run_banner(self.estimate).splitlines():
             log(f"  {line}")
         log(f"  outputs: {self.output_dir}")
 
-    # -- telemetry -------------------------------------------------------------------------
-
-    def open_telemetry(self) -> None:
-        fp16 = self.ds_config.get("fp16") or {}
-        self.guard = Fp16Guard(
-            self.settings.skip_window,
-            self.settings.max_skipped_share,
-            float(fp16.get("min_loss_scale", 1.0)),
-        )
-        self.skipped_seen = self.engine.skipped_steps
-        self.start_time = time.time()
-        self.restart_window()
+    def _open_metrics(self):
+        """Rank 0: metrics.jsonl, appended to on resume (a fresh run starts a fresh file)."""
         if self.rank != 0:
-            return
-        mode = "a" if self.start_step else "w"  # a fresh run starts a fresh file
-        self.metrics = open(self.output_dir / "metrics.jsonl", mode, encoding="utf-8")  # noqa: SIM115
-        if self.settings.progress:
-            from tqdm import tqdm
+            return None
+        mode = "a" if self.start_step else "w"
+        return open(self.output_dir / "metrics.jsonl", mode, encoding="utf-8")  # closed by finish
 
-            self.bar = tqdm(
-                total=self.total_steps,
-                initial=self.engine.global_steps,
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-            self.log.bar = self.bar
+    def _open_progress_bar(self):
+        """Rank 0 with --progress: a tqdm bar on stderr, one tick per optimizer step."""
+        if self.rank != 0 or not self.settings.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.plan.total_steps,
+            initial=self.engine.global_steps,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    # -- telemetry -------------------------------------------------------------------------
 
     def close_telemetry(self) -> None:
         if self.metrics is not None:
@@ -854,8 +959,7 @@ class Trainer:
 
     def restart_window(self) -> None:
         """Start a new throughput window (after a log row, an evaluation or a save)."""
-        self.window = [0.0] * 5  # loss sum, micro-batches, tokens, real tokens, samples
-        self.window_t0 = time.time()
+        self.window = ThroughputWindow()
 
     def write_row(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -881,21 +985,21 @@ class Trainer:
         if skipped_now:
             self.log(f"step {step}: gradient overflow, step skipped; loss scale now {scale}")
         self.guard.check(step, skipped_now, scale)
-        if step % self.settings.log_every == 0 or step == self.total_steps:
-            loss, micro, tokens, useful, samples = self.all_reduce(self.window)
-            elapsed = max(time.time() - self.window_t0, 1e-9)
+        if step % self.settings.log_every == 0 or step == self.plan.total_steps:
+            window = self.window.summed_over_ranks(self.all_reduce)
+            elapsed = max(time.time() - window.started, 1e-9)
             grad_norm = engine.get_global_grad_norm()
             row = {
                 "step": step,
                 "epoch": round(epoch_pos, 4),
-                "loss": loss / max(micro, 1),
+                "loss": window.loss_sum / max(window.micro_batches, 1),
                 "lr": engine.get_lr()[0],
                 "loss_scale": scale,
                 "skipped_steps": engine.skipped_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": samples / elapsed,
-                "useful_tokens_per_s": useful / elapsed,
-                "tokens_per_s": tokens / elapsed,
+                "samples_per_s": window.samples / elapsed,
+                "useful_tokens_per_s": window.real_tokens / elapsed,
+                "tokens_per_s": window.tokens / elapsed,
                 "elapsed_s": round(time.time() - self.start_time, 3),
             }
             if torch.cuda.is_available():
@@ -917,55 +1021,50 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def train_loop(self) -> str | None:
-        """Micro-batches until total_steps; returns the signal name if one stopped it."""
+        """Micro-batches until the planned step; returns the signal name if one stopped it."""
         from dstrain.batching import count_tokens
 
         engine, settings, loop = self.engine, self.settings, self.loop
+        total_steps = self.plan.total_steps
         if self.stop_requested():
             return self.stop.signal_name or "a signal on another rank"
         engine.train()
         try:
-            while engine.global_steps < self.total_steps:
+            while engine.global_steps < total_steps:
                 batches = epoch_batches(
                     len(self.train_set),
                     self.micro,
-                    loop["epoch"],
+                    loop.epoch,
                     settings.seed,
                     self.rank,
                     self.world,
                 )
-                for index in range(loop["micro_in_epoch"], len(batches)):
+                for index in range(loop.micro_in_epoch, len(batches)):
                     batch = self.collate([self.train_set[i] for i in batches[index]])
                     counts = count_tokens(batch)
                     batch = {k: v.to(engine.device) for k, v in batch.items()}
                     loss = engine(**batch, use_cache=False).loss
                     engine.backward(loss)
-                    boundary = engine.is_gradient_accumulation_boundary()
+                    boundary = engine.is_gradient_accumulation_boundary()  # ask before step()
                     engine.step()
-                    for i, value in enumerate(
-                        (
-                            loss.item(),
-                            1,
-                            counts.num_tokens,
-                            counts.num_real_tokens,
-                            len(batches[index]),
-                        )
-                    ):
-                        self.window[i] += value
-                    loop["micro_in_epoch"] = index + 1
-                    loop["samples_seen"] += len(batches[index])
-                    loop["tokens_seen"] += counts.num_tokens
-                    loop["useful_tokens_seen"] += counts.num_real_tokens
+                    num_samples = len(batches[index])
+                    self.window.add(
+                        loss.item(), counts.num_tokens, counts.num_real_tokens, num_samples
+                    )
+                    loop.micro_in_epoch = index + 1
+                    loop.samples_seen += num_samples
+                    loop.tokens_seen += counts.num_tokens
+                    loop.useful_tokens_seen += counts.num_real_tokens
                     if not boundary:
                         continue
-                    self.log_step(loop["epoch"] + (index + 1) / len(batches))
-                    if engine.global_steps >= self.total_steps:
+                    self.log_step(loop.epoch + (index + 1) / len(batches))
+                    if engine.global_steps >= total_steps:
                         return None  # done: finish() evaluates, saves and exports
                     if self.stop_requested():
                         return self.stop.signal_name or "a signal on another rank"
                     self.periodic_eval_and_save()
-                loop["epoch"] += 1
-                loop["micro_in_epoch"] = 0
+                loop.epoch += 1
+                loop.micro_in_epoch = 0
         except Exception as exc:
             if "loss scale already at minimum" in str(exc):
                 raise DstrainError(
@@ -1009,10 +1108,10 @@ class Trainer:
         )
         step = self.engine.global_steps
         self.last_eval_step = step
-        self.loop["last_val_loss"] = loss
-        best = self.loop["best_val_loss"]
+        self.loop.last_val_loss = loss
+        best = self.loop.best_val_loss
         if math.isfinite(loss) and (best is None or loss < best):
-            self.loop["best_val_loss"] = loss
+            self.loop.best_val_loss = loss
         ppl = perplexity(loss)
         self.write_row(
             {
@@ -1040,11 +1139,11 @@ class Trainer:
             "dstrain": {
                 **self.run_identity(),
                 "step": step,
-                "loop": dict(self.loop),
+                "loop": self.loop.to_dict(),
                 "rng": {str(r): s for r, s in enumerate(rngs)},
             }
         }
-        val_loss = self.loop["last_val_loss"] if self.last_eval_step == step else None
+        val_loss = self.loop.last_val_loss if self.last_eval_step == step else None
         save_run_checkpoint(
             self.engine,
             self.ckpt_dir,
@@ -1061,28 +1160,26 @@ class Trainer:
 
         from dstrain.memory import format_peak_comparison
 
-        engine, log = self.engine, self.log
+        engine, log, loop = self.engine, self.log, self.loop
         if self.last_eval_step != engine.global_steps:
             self.run_eval()
         self.save()
         if self.settings.dump_params:
             dump_full_params(engine, self.output_dir / f"params_rank{self.rank}.pt")
-        seen = self.all_reduce(
-            [self.loop["samples_seen"], self.loop["tokens_seen"], self.loop["useful_tokens_seen"]]
-        )
+        seen = self.all_reduce([loop.samples_seen, loop.tokens_seen, loop.useful_tokens_seen])
         self.dist.barrier()  # the rest is rank 0's alone: the other ranks may leave
         if self.rank != 0:
             return 0
         export_dir = self.export()
         elapsed = time.time() - self.start_time
-        val_loss = self.loop["last_val_loss"] if len(self.val_set) else None
+        val_loss = loop.last_val_loss if len(self.val_set) else None
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss_bytes()
         summary = {
             "steps": engine.global_steps,
             "skipped_steps": engine.skipped_steps,
             "val_loss": finite_or_none(val_loss),
             "val_perplexity": finite_or_none(perplexity(val_loss)),
-            "best_val_loss": finite_or_none(self.loop["best_val_loss"]),
+            "best_val_loss": finite_or_none(loop.best_val_loss),
             "samples_seen": int(seen[0]),  # all ranks
             "tokens_seen": int(seen[1]),
             "useful_tokens_seen": int(seen[2]),
@@ -1132,7 +1229,38 @@ class Trainer:
         return export_dir
 
 
-def estimate_run_memory(arch, ds_config, world: int, seq_len: int, micro: int):
+def engine_run_mismatch(engine, run: DsRun) -> str:
+    """What the built engine does differently from the typed run ("" when they agree)."""
+    built = {
+        "precision": "fp16"
+        if engine.fp16_enabled()
+        else "bf16"
+        if engine.bfloat16_enabled()
+        else "fp32",
+        "ZeRO stage": engine.zero_optimization_stage(),
+        "optimizer offload": _offload_device(engine.zero_offload_optimizer()),
+        "param offload": _offload_device(engine.zero_offload_param()),
+    }
+    expected = {
+        "precision": run.precision,
+        "ZeRO stage": run.zero.stage,
+        "optimizer offload": run.zero.offload_optimizer.device,
+        "param offload": run.zero.offload_param.device,
+    }
+    return "; ".join(
+        f"{key} {built[key]!r}, read as {expected[key]!r}"
+        for key in built
+        if built[key] != expected[key]
+    )
+
+
+def _offload_device(offload) -> str:
+    """An engine's offload config (None when absent) as none / cpu / nvme."""
+    device = getattr(offload, "device", None) or "none"
+    return str(getattr(device, "value", device))
+
+
+def estimate_run_memory(arch, run: DsRun, world: int, seq_len: int, micro: int):
     """`dstrain estimate` for this run (per rank, configured stage)."""
     import torch
 
@@ -1143,12 +1271,12 @@ def estimate_run_memory(arch, ds_config, world: int, seq_len: int, micro: int):
     )
     return estimate_for_run(
         arch,
-        ds_config,
+        run,
         world_size=world,
         gpus_per_node=local,
         seq_len=seq_len,
         micro_batch=micro,
-        activation_checkpointing="full" if "activation_checkpointing" in ds_config else "none",
+        activation_checkpointing="full" if run.activation_checkpointing.enabled else "none",
     )
 
 
@@ -1220,7 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
         under_launcher = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
         if (args.num_gpus or args.hostfile) and not under_launcher:
             return hand_off(args, argv)
-        return run(settings_from_args(args))
+        settings = settings_from_args(args)
+        return run(settings, deepspeed_flags(args), demo=is_demo(args))
     except DstrainError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -174,6 +174,20 @@ def test_resolve_architecture(tmp_path):
         resolve_architecture("genslm_tin")
 
 
+def test_one_message_for_an_unknown_model_value():
+    """train, estimate and convert-checkpoint all resolve --model here: one message that
+    names the value, the registered names and the case rule."""
+    with pytest.raises(DstrainError) as info:
+        resolve_architecture("genslm_2.5b")
+    message = str(info.value)
+    assert "--model genslm_2.5b" in message
+    assert "Did you mean 'genslm_2.5B'? Names are case-sensitive" in message
+    assert all(name in message for name in ARCHITECTURES)
+    with pytest.raises(DstrainError) as again:
+        get_architecture("genslm_2.5b")
+    assert str(again.value) == message
+
+
 def test_custom_architecture_counts_like_the_formula():
     arch = GenSLMArchitecture("x", hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
     # 69*8 + (32 + 8*24+24 + 8*8+8 + 8*16+16 + 16*8+8) + 16 + 8*69

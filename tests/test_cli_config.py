@@ -82,7 +82,8 @@ def test_gen_config_refuses_contradictions_naming_flags():
     assert gen.returncode == 1
     err = gen.stderr.decode()
     assert "Traceback" not in err and gen.stdout == b""
-    assert "offload_param needs stage 3" in err and "loss scaling applies only to fp16" in err
+    assert "(--offload-param): offload_param needs ZeRO stage 3" in err
+    assert "(--hysteresis): fp16 loss scaling is set" in err
 
 
 def test_gen_config_writes_atomically_and_keeps_old_file_on_error(tmp_path):

@@ -10,7 +10,6 @@ from dstrain.ds_check import (
     check_batch_arithmetic,
     check_ds_config,
     deepspeed_parser_problems,
-    load_checked_ds_config,
     load_schema,
     parse_ds_json,
     validate_file,
@@ -195,14 +194,16 @@ def test_deepspeed_parser_reports_what_only_it_knows():
     assert problems[0].path == "zero_optimization.stage"
 
 
-def test_load_checked_ds_config_raises_one_paragraph(tmp_path):
+def test_load_ds_run_raises_one_paragraph(tmp_path):
+    from dstrain.ds_run import load_ds_run
+
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**BASE, "gradient_clipp1ng": 1}))
     with pytest.raises(DstrainError) as err:
-        load_checked_ds_config(str(path))
+        load_ds_run(str(path))
     assert "gradient_clipp1ng" in str(err.value) and "dstrain validate" in str(err.value)
     path.write_text(json.dumps(BASE))
-    assert load_checked_ds_config(str(path)) == BASE
+    assert load_ds_run(str(path)).config == BASE
 
 
 ASSETS = __import__("pathlib").Path(__file__).parent / "assets" / "ds"

@@ -16,6 +16,7 @@ from dstrain.hostfile import (
     hostfile_from_pbs,
     hostfile_from_pbs_text,
     hostfile_from_slurm,
+    hostfile_world_size,
     parse_hostfile,
     parse_hostfile_text,
     world_size_from_hostfile,
@@ -81,6 +82,15 @@ def test_empty_and_missing_files(tmp_path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_hostfiles_are_valid(path):
     assert world_size_from_hostfile(path) >= 1
+
+
+def test_world_size_is_the_sum_of_slots(tmp_path):
+    entries = parse_hostfile_text("gpu01 slots=4\ngpu02 slots=2\n")
+    assert hostfile_world_size(entries) == 6
+    assert hostfile_world_size([]) == 0
+    path = tmp_path / "hosts"
+    path.write_text("gpu01 slots=4\ngpu02 slots=2\n")
+    assert world_size_from_hostfile(path) == 6
 
 
 def test_localhost_example_has_two_slots():

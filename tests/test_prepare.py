@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dstrain import prepare as prepare_module
+from dstrain import publish as publish_module
 from dstrain.cli import main
 from dstrain.errors import DstrainError
 from dstrain.fasta import bundled_fasta_paths, is_validation_record, read_fasta
@@ -109,10 +109,10 @@ def test_failed_rebuild_leaves_the_old_cache(fasta_copies, tmp_path, monkeypatch
     with pytest.raises(DstrainError, match="protein"):
         prepare_dataset([*fasta_copies, bad_file], cache, DataSettings())
 
-    def interrupted(new_dir, cache_dir):
+    def interrupted(staging, cache_dir):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "_swap_into_place", interrupted)
+    monkeypatch.setattr(publish_module, "_swap_into_place", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(fasta_copies, cache, DataSettings(max_length=64))
 

@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from dstrain.ds_config import build_ds_config, render_ds_config
+from dstrain.ds_config import (
+    build_ds_config,
+    check_built_config,
+    render_ds_config,
+    settings_path_of,
+)
 from dstrain.errors import DstrainError
 from dstrain.settings import (
     DataSettings,
@@ -37,6 +42,8 @@ def test_unknown_setting_is_refused_with_its_path():
 
 
 def test_all_cross_field_problems_are_reported_together():
+    """Settings refuse what the builder would drop; the JSON rules are ds_check's, run on the
+    built config by `check_built_config`: both lists come back together, by settings path."""
     data = {
         "precision": "bf16",
         "fp16": {"hysteresis": 4},
@@ -50,12 +57,59 @@ def test_all_cross_field_problems_are_reported_together():
     }
     with pytest.raises(DstrainError) as err:
         make_deepspeed_settings(data, "s.json")
-    text = str(err.value)
-    assert "loss scaling applies only to fp16" in text
-    assert "nvme_path is not set" in text
-    assert "offload_param needs stage 3 (stage is 2)" in text
-    assert "train_batch_size (12) is not a multiple" in text and "= 8" in text
-    assert "WarmupDecayLR needs total_num_steps" in text
+    assert "loss scaling applies only to fp16" in str(err.value)
+    settings = make_deepspeed_settings(data, "s.json", defer_rules=True)
+    _, problems = check_built_config(settings, "s.json")
+    errors = {p.path: p.message for p in problems if p.severity == "error"}
+    assert "loss scaling applies only to fp16" in errors["fp16.hysteresis"]
+    assert "nvme_path is not set" in errors["zero_optimization.offload_param.nvme_path"]
+    assert "needs ZeRO stage 3" in errors["zero_optimization.offload_param.device"]
+    assert "train_batch_size (12) is not a multiple" in errors["batch.train_batch_size"]
+    assert "= 8" in errors["batch.train_batch_size"]
+    assert "WarmupDecayLR needs total_num_steps" in errors["scheduler.total_num_steps"]
+
+
+def test_settings_the_builder_would_drop_are_refused():
+    cases = {
+        "zero_optimization.reduce_bucket_size": {
+            "zero_optimization": {"stage": 0, "reduce_bucket_size": 9}
+        },
+        "zero_optimization.allgather_bucket_size": {
+            "zero_optimization": {"stage": 3, "allgather_bucket_size": 9}
+        },
+        "scheduler.total_num_steps": {"scheduler": {"type": "WarmupLR", "total_num_steps": 9}},
+        "activation_checkpointing.partition_activations": {
+            "activation_checkpointing": {"partition_activations": True}
+        },
+        "csv_monitor.output_path": {"csv_monitor": {"output_path": "x"}},
+        "zero_optimization.offload_optimizer.nvme_path": {
+            "zero_optimization": {"offload_optimizer": {"device": "cpu", "nvme_path": "/x"}}
+        },
+    }
+    for path, data in cases.items():
+        settings = make_deepspeed_settings(data, defer_rules=True)
+        assert [p for p, _ in settings.unused_settings()] == [path]
+        with pytest.raises(DstrainError, match=path):
+            make_deepspeed_settings(data)
+
+
+@pytest.mark.parametrize(
+    "json_path, settings_path",
+    [
+        ("train_batch_size", "batch.train_batch_size"),
+        ("bf16.enabled", "precision"),
+        ("fp16.enabled", "precision"),
+        ("fp16.hysteresis", "fp16.hysteresis"),
+        ("optimizer.params.betas", "optimizer.betas"),
+        ("scheduler.params.total_num_steps", "scheduler.total_num_steps"),
+        ("scheduler.params.warmup_max_lr", "optimizer.lr"),
+        ("activation_checkpointing", "activation_checkpointing.enabled"),
+        ("zero_optimization.offload_param.device", "zero_optimization.offload_param.device"),
+        ("zero_optimization.no_such_key", "zero_optimization"),
+    ],
+)
+def test_json_paths_map_back_to_settings_fields(json_path, settings_path):
+    assert settings_path_of(json_path) == settings_path
 
 
 def test_default_config_leaves_global_batch_to_deepspeed():
@@ -118,7 +172,7 @@ def test_stage3_knobs_only_at_stage3():
     s2 = build_ds_config(make_deepspeed_settings({"zero_optimization": {"stage": 2}}))
     assert s3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert not any(k.startswith("stage3_") for k in s2["zero_optimization"])
-    with pytest.raises(DstrainError, match="only apply to stage 3"):
+    with pytest.raises(DstrainError, match="applies to stage 3 only"):
         make_deepspeed_settings(
             {"zero_optimization": {"stage": 1, "stage3_max_live_parameters": 10}}
         )

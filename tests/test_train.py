@@ -18,6 +18,7 @@ import pytest
 from subprocs import clean_env, run_in_session
 
 from dstrain.ds_config import build_ds_config, render_ds_config
+from dstrain.errors import DstrainError
 from dstrain.settings import make_deepspeed_settings
 
 pytestmark = pytest.mark.slow
@@ -398,6 +399,38 @@ def test_export_command_on_a_checkpoint(tmp_path):
     )
     assert missing.returncode == 1 and b"does not exist" in missing.stderr
     assert b"Traceback" not in missing.stderr
+
+
+def test_export_replaces_an_earlier_export_whole_or_not_at_all(tmp_path, monkeypatch):
+    import torch
+
+    from dstrain.export import export_checkpoint
+
+    run_dir = tmp_path / "run"
+    assert train("--output-dir", run_dir, "--max-steps", 1, "--eval-every", 0) == 0
+    hf = run_dir / "export"
+    (hf / "marker").write_text("the earlier export")
+    with pytest.raises(DstrainError, match="pass --overwrite"):
+        export_checkpoint(run_dir / "checkpoints", hf, overwrite=False)
+
+    def full_disk(*_args, **_kwargs):
+        raise RuntimeError("disk full")  # what torch.save raises on a full disk
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_checkpoint(run_dir / "checkpoints", hf, export_pt=True)
+    assert (hf / "marker").exists() and (hf / "model.safetensors").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".export")) == []
+    monkeypatch.undo()
+    export_checkpoint(run_dir / "checkpoints", hf, export_pt=True)
+    assert not (hf / "marker").exists() and (hf / "pytorch_model.pt").exists()
+
+    not_a_model = tmp_path / "notes"
+    (not_a_model / "todo.txt").parent.mkdir()
+    (not_a_model / "todo.txt").write_text("keep me")
+    with pytest.raises(DstrainError, match="not a model directory"):
+        export_checkpoint(run_dir / "checkpoints", not_a_model)
+    assert (not_a_model / "todo.txt").read_text() == "keep me"
 
 
 # --------------------------------------------------------------------------------------
@@ -915,3 +948,32 @@ def test_two_rank_sigterm_then_resume_matches_a_straight_run(tmp_path):
     final = load_params(straight / "params_rank0.pt")
     assert_same_params(final, load_params(resumed / "params_rank0.pt"))
     assert_same_params(final, load_params(resumed / "params_rank1.pt"))
+
+
+@pytest.mark.parametrize(
+    ("block", "described"),
+    [
+        ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}}, "bf16, ZeRO-1"),
+        ({"bf16": {"enabled": True}, "zero_optimization": False}, "bf16, ZeRO-0"),
+    ],
+)
+def test_banner_and_estimate_describe_the_run_deepspeed_builds(tmp_path, capsys, block, described):
+    """DeepSpeed's old `bfloat16` alias and the boolean `zero_optimization` form: the
+    banner and its memory estimate follow what the engine really built (the banner also
+    compares the engine with the typed run and would say where they differ). That the
+    estimate's bytes follow the precision is tested on `estimate_from_flags` in
+    test_memory.py; a genslm_tiny's model states round to 0.00 GiB either way."""
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        **block,
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = ("--deepspeed_config", path, "--output-dir", tmp_path / "run", "--max-steps", 1)
+    assert train(*args, "--eval-every", 0, "--no-export") == 0
+    out = capsys.readouterr().out
+    assert f"| {described} |" in out
+    assert "the engine differs" not in out
+    stage = described.rsplit("-", 1)[1]
+    assert f"memory estimate, ZeRO-{stage}, per GPU" in out
