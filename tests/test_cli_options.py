@@ -291,16 +291,23 @@ def test_train_config_without_a_file_is_the_settings_defaults_or_the_demo_preset
     torch = pytest.importorskip("torch")
     from dstrain.train import train_ds_config
 
-    plain = train_ds_config({}, demo=False, world_size=1)
-    assert plain["train_micro_batch_size_per_gpu"] == 4
-    assert plain["scheduler"]["params"]["warmup_num_steps"] == 100
-    assert plain["optimizer"]["params"]["lr"] == 5e-5
-    assert plain["zero_optimization"]["stage"] == 2
+    from dstrain.settings import DeepSpeedSettings
+    from dstrain.train import DEMO_PRESET
+
+    defaults = DeepSpeedSettings()
+    plain = train_ds_config({}, demo=False, world_size=1).run
+    assert plain.batch.train_micro_batch_size_per_gpu == (
+        defaults.batch.train_micro_batch_size_per_gpu
+    )
+    assert plain.scheduler.params["warmup_num_steps"] == defaults.scheduler.warmup_num_steps
+    assert plain.optimizer.lr == defaults.optimizer.lr
+    assert plain.zero.stage == defaults.zero_optimization.stage
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    assert ("bf16" in plain) == gpu_bf16  # TRAIN_PRECISION_DEFAULT
-    demo = train_ds_config({"micro_batch": 2}, demo=True, world_size=1)
-    assert demo["train_micro_batch_size_per_gpu"] == 2  # a flag beats the preset
-    assert demo["scheduler"]["params"]["warmup_num_steps"] == 10
-    assert demo["optimizer"]["params"]["lr"] == 1e-3
+    assert plain.precision == ("bf16" if gpu_bf16 else "fp32")  # TRAIN_PRECISION_DEFAULT
+    demo = train_ds_config({"micro_batch": 2}, demo=True, world_size=1).run
+    preset = DEMO_PRESET["deepspeed"]
+    assert demo.batch.train_micro_batch_size_per_gpu == 2  # a flag beats the preset
+    assert demo.scheduler.params["warmup_num_steps"] == preset["scheduler"]["warmup_num_steps"]
+    assert demo.optimizer.lr == preset["optimizer"]["lr"]
     with pytest.raises(DstrainError, match="--offload-param"):
         train_ds_config({"offload_param": "cpu"}, demo=False, world_size=1)
