@@ -85,10 +85,18 @@ def _initialize(model, config):
 
     from dstrain.ds_runtime import redirect_fds
 
-    with redirect_fds():
-        engine, *_ = deepspeed.initialize(
-            model=copy.deepcopy(model), model_parameters=None, config=config
-        )
+    try:
+        with redirect_fds():
+            engine, *_ = deepspeed.initialize(
+                model=copy.deepcopy(model), model_parameters=None, config=config
+            )
+    finally:
+        # initialize configures DeepSpeed's one process-wide comms logger; left enabled it
+        # outlives this engine, and 0.19.8's logger calls exit(0) on a collective it cannot
+        # size (all_gather_object), which would end later tests in this process.
+        from deepspeed.comm import comm as ds_comm
+
+        ds_comm.comms_logger.enabled = False
     return engine
 
 
