@@ -10,7 +10,11 @@ all of these and reports every problem at once, each with its JSON path, what De
 does with it, and a fix. DeepSpeed's own complaint is reported beside them.
 
 The known keys come from dstrain/ds_schema.json, measured from the installed DeepSpeed by
-scripts/gen_ds_schema.py (a test keeps it in step with the installed version). To add a
+scripts/gen_ds_schema.py (a test keeps it in step with the installed version). So do the
+types of the values in every block a DeepSpeed pydantic model parses: `value_types`
+rebuilds a pydantic validator from each measured description, so a value is coerced
+("true" -> true, 5e8 -> 500000000) or refused (0.5 for an int, 0 where gt=0) exactly as
+DeepSpeed's lax models do, without importing DeepSpeed. To add a
 rule: one method on `_Checker` (or a line in one), a case in tests/test_ds_check.py, and a
 config in tests/assets/ds_corpus/ with the verdict DeepSpeed gives it.
 """
@@ -19,14 +23,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import enum
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+
+import annotated_types
+from pydantic import BeforeValidator, PlainValidator, TypeAdapter, ValidationError
 
 from dstrain.ds_runtime import redirect_fds
 
@@ -203,6 +212,147 @@ def read_ds_json(path: str, stdin: Any = None) -> tuple[dict[str, Any] | None, l
 
 
 # --------------------------------------------------------------------------------------
+# Value types: DeepSpeed's field types rebuilt from ds_schema.json["value_types"]
+# --------------------------------------------------------------------------------------
+
+_SCALARS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str, "path": Path}
+_OPEN = {"any": Any, "dict": dict, "tuple": tuple, "object": dict}  # "object": a nested model
+
+
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a bool is refused here")
+    return value
+
+
+def _refuse_non_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number (not inf/-inf/nan)")
+    return value
+
+
+def value_type(description: dict[str, Any]) -> Any:
+    """The annotation a measured description stands for (see scripts/gen_ds_schema.py).
+
+    Validated with a non-strict `TypeAdapter` it coerces exactly as DeepSpeed's lax
+    models do: "true"/1 -> True, 5e8 -> 500000000, "2" -> stage 2; 0.5 is no int.
+    """
+    kind = description["type"]
+    if kind in _SCALARS:
+        annotation: Any = _SCALARS[kind]
+    elif kind in _OPEN:
+        annotation = _OPEN[kind]
+    elif kind == "list":
+        items = description.get("items")
+        annotation = list[value_type(items)] if items else list
+    elif kind == "literal":
+        annotation = Literal[tuple(description["choices"])]
+    elif kind == "enum":
+        # An Enum, not a Literal: pydantic coerces into an int-valued Enum ("2" -> 2), as
+        # it does for DeepSpeed's ZeroStageEnum.
+        choices = description["choices"]
+        base = int if all(isinstance(c, int) for c in choices) else str
+        members = {f"choice_{i}": choice for i, choice in enumerate(choices)}
+        annotation = enum.Enum("Choices", members, type=base)
+    elif kind == "union":
+        annotation = Union[tuple(value_type(d) for d in description["of"])]  # noqa: UP007
+    elif kind == "instance":
+        # arbitrary_types_allowed: an isinstance check no JSON value passes
+        def refuse(value: Any, of: str = description["of"]) -> Any:
+            raise ValueError(f"DeepSpeed wants a Python {of} object, which JSON cannot hold")
+
+        annotation = Annotated[Any, PlainValidator(refuse)]
+    else:
+        raise ValueError(f"unknown value type {kind!r} in ds_schema.json")
+    bounds = [
+        getattr(annotated_types, name.capitalize())(description[name])
+        for name in ("gt", "ge", "lt", "le")
+        if name in description
+    ]
+    if bounds:
+        annotation = Annotated[(annotation, *bounds)]
+    if description.get("finite"):
+        annotation = Annotated[annotation, BeforeValidator(_refuse_non_finite)]
+    if description.get("no_bool"):
+        annotation = Annotated[annotation, BeforeValidator(_refuse_bool)]
+    if description.get("nullable"):
+        annotation = Optional[annotation]  # noqa: UP045
+    return annotation
+
+
+@cache
+def value_type_adapter(description_json: str) -> TypeAdapter:
+    """A cached validator for one description (given as JSON text, to be hashable)."""
+    return TypeAdapter(value_type(json.loads(description_json)))
+
+
+def describe_value_type(description: dict[str, Any]) -> str:
+    """What a description accepts, in words: "a whole number > 0", "true or false"."""
+    kind = description["type"]
+    words = {
+        "bool": "true or false",
+        "int": "a whole number",
+        "float": "a number",
+        "str": "a string",
+        "path": "a path (a string)",
+        "dict": "an object ({...})",
+        "object": "an object ({...})",
+        "tuple": "a list",
+        "any": "any value",
+    }
+    if kind in words:
+        text = words[kind]
+    elif kind == "list":
+        items = description.get("items")
+        text = f"a list, each item {describe_value_type(items)}" if items else "a list"
+    elif kind in ("enum", "literal"):
+        text = "one of " + ", ".join(json.dumps(c) for c in description["choices"])
+    elif kind == "union":
+        text = " or ".join(describe_value_type(d) for d in description["of"])
+    else:
+        text = f"a Python {description.get('of', kind)} object (no JSON value is)"
+    bounds = [
+        f"{sign} {description[name]:g}"
+        for name, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if name in description
+    ]
+    if bounds:
+        text += " " + " and ".join(bounds)
+    if description.get("finite"):
+        text += " (finite)"
+    if description.get("nullable"):
+        text += ", or null"
+    return text
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if _is_jsonable(value) else repr(value)
+
+
+def _is_jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _coercion_note(value: Any, coerced: Any, kind: str) -> str | None:
+    """How DeepSpeed reads a value of another JSON type, when that is worth a warning.
+
+    A whole float for an int (5e8 for 500000000) and an int for a float are how DeepSpeed's
+    own examples are written: no warning.
+    """
+    if kind in ("str", "path") or coerced is None:
+        return None
+    if type(coerced) is type(value) and coerced == value:
+        return None  # read as written (a string enum's own value)
+    if isinstance(value, str) or isinstance(value, bool) != isinstance(coerced, bool):
+        return f"DeepSpeed's parser reads {_show(value)} as {_show(coerced)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
 # Checking a parsed config
 # --------------------------------------------------------------------------------------
 
@@ -216,6 +366,15 @@ def _suggest(key: str, known: list[str]) -> str:
     if close:
         return f"did you mean `{close[0]}`?"
     return "remove it (see DeepSpeed's config documentation for the valid keys)"
+
+
+def _lookup(node: Any, dotted: str) -> Any:
+    """The value at a dotted JSON path, or None where the path is missing."""
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
 
 
 def _is_auto(value: Any) -> bool:
@@ -344,14 +503,81 @@ class _Checker:
             )
 
     def _get(self, dotted: str) -> Any:
-        node: Any = self.config
-        for part in dotted.split(".") if dotted else []:
-            if not isinstance(node, dict):
-                return None
-            node = node.get(part)
-        return node
+        return _lookup(self.config, dotted)
 
-    # b. leftover "auto" --------------------------------------------------------------
+    # b. value types, as DeepSpeed's pydantic models coerce and refuse them ------------
+
+    def value_types(self) -> dict[str, Any]:
+        """Check every value in a block a DeepSpeed model parses against its measured type.
+
+        Returns a copy of the config with the values DeepSpeed coerces replaced by what it
+        reads ("true" -> true, "2" -> 2), for the value rules to see what DeepSpeed sees.
+        "auto" values are skipped: DeepSpeed's models drop them (reported under b2). Rules
+        a model validator applies across fields stay with DeepSpeed's parser.
+        """
+        schema = load_schema()
+        coerced = copy.deepcopy(self.config)
+        for block_path, fields in schema["value_types"].items():
+            node = self._get(block_path)
+            if node is None:
+                continue
+            if not isinstance(node, dict):
+                # A model root (a nested model's non-object value is checked by its parent).
+                parent = block_path.rpartition(".")[0]
+                if parent not in schema["value_types"] and not (
+                    block_path == "zero_optimization" and isinstance(node, bool)
+                ):  # a boolean zero_optimization is the old form, read apart (zero_rules)
+                    self.add(
+                        block_path,
+                        f"must be an object ({{...}}), not {_show(node)}: DeepSpeed's parser "
+                        "refuses it (it unpacks the block into a config model)",
+                        'write {"enabled": true, ...} or remove the block',
+                    )
+                continue
+            target = _lookup(coerced, block_path)
+            for key, value in node.items():
+                description = fields.get(key)
+                if description is None or "unchecked" in description or _is_auto(value):
+                    continue  # unknown keys are reported apart; unchecked: DeepSpeed decides
+                path = _join(block_path, key)
+                try:
+                    value_read = value_type_adapter(
+                        json.dumps(description, sort_keys=True)
+                    ).validate_python(value)
+                except ValidationError as exc:
+                    self._refused(path, value, description, exc)
+                    continue
+                if isinstance(value_read, enum.Enum):
+                    value_read = value_read.value  # DeepSpeed's models keep enum values
+                if description["type"] in ("bool", "int", "float", "enum") and value_read != value:
+                    target[key] = value_read
+                note = _coercion_note(value, value_read, description["type"])
+                if note:
+                    self.add(
+                        path,
+                        f"{note} (pydantic's lax coercion) and accepts it",
+                        f"write {_show(value_read)}",
+                        severity="warning",
+                    )
+        return coerced
+
+    def _refused(self, path: str, value: Any, description: dict, exc: ValidationError) -> None:
+        item = exc.errors(include_url=False)[0]  # one message per value
+        index = [part for part in item["loc"] if isinstance(part, int)]
+        if index and description.get("items"):  # one list item is wrong: name it alone
+            path += "".join(f"[{i}]" for i in index)
+            value, description = item["input"], description["items"]
+        wanted = describe_value_type(description)
+        fix = f"write {wanted}"
+        if description["type"] == "instance":
+            fix = "remove the key (only a config dict built in Python can set it)"
+        self.add(
+            path,
+            f"{_show(value)} is not {wanted}; DeepSpeed's parser refuses it: {item['msg']}",
+            fix,
+        )
+
+    # b2. leftover "auto" -------------------------------------------------------------
 
     def auto_values(self) -> None:
         self._auto_values(self.config, "")
@@ -385,18 +611,9 @@ class _Checker:
     # c. rules DeepSpeed skips, or enforces with a bare assertion ------------------------
 
     def precision_rules(self) -> None:
+        # Types (`enabled` a bool, the block an object, the scale keys numbers) are the
+        # value-type check's; these are the ranges and the rules between keys.
         fp16, bf16 = self.config.get("fp16"), self.config.get("bf16", self.config.get("bfloat16"))
-        for name, block in (("fp16", fp16), ("bf16", bf16)):
-            if isinstance(block, dict) and "enabled" in block:
-                value = block["enabled"]
-                if not isinstance(value, bool) and not _is_auto(value):
-                    self.add(
-                        f"{name}.enabled",
-                        f"must be true or false, not {value!r}",
-                        "write true or false without quotes",
-                    )
-            elif block is not None and not isinstance(block, dict):
-                self.add(name, f"must be an object, not {block!r}", 'write {"enabled": true}')
         if "bf16" in self.config and "bfloat16" in self.config:
             self.add(
                 "bfloat16",
@@ -413,14 +630,16 @@ class _Checker:
         if not isinstance(fp16, dict):
             return
         scale = fp16.get("loss_scale", 0)
-        if "loss_scale" in fp16 and (not _is_number(scale) or scale < 0):
+        if _is_number(scale) and scale < 0:
             self.add(
                 "fp16.loss_scale",
                 f"must be a number >= 0, not {scale!r}",
                 "0 for dynamic scaling, or a fixed power of two",
             )
+        if not _enabled(fp16):
+            return  # DeepSpeed reads the scaling knobs only while fp16 is on
         window = fp16.get("loss_scale_window")
-        if window is not None and (not _is_int(window) or window < 1):
+        if _is_int(window) and window < 1:
             self.add(
                 "fp16.loss_scale_window",
                 f"must be a whole number >= 1, not {window!r}",
@@ -428,11 +647,11 @@ class _Checker:
             )
         for key, low in (("initial_scale_power", 0), ("hysteresis", 1)):
             value = fp16.get(key)
-            if value is not None and (not _is_int(value) or value < low):
+            if _is_int(value) and value < low:
                 self.add(f"fp16.{key}", f"must be a whole number >= {low}, not {value!r}")
         min_scale = fp16.get("min_loss_scale")
         dynamic = _is_number(scale) and scale == 0
-        if min_scale is not None and dynamic and (not _is_number(min_scale) or min_scale <= 0):
+        if dynamic and _is_number(min_scale) and min_scale <= 0:
             self.add(
                 "fp16.min_loss_scale",
                 f"must be > 0 with dynamic loss scaling, not {min_scale!r}",
@@ -488,27 +707,11 @@ class _Checker:
                 "zero_optimization", message, f'write {{"stage": {int(zero)}}}', severity="warning"
             )
             return
-        if not isinstance(zero, dict):
-            self.add("zero_optimization", f"must be an object, not {zero!r}")
-            return
-        stage = zero.get("stage", 0)
-        if not _is_int(stage) or not 0 <= stage <= 3:
-            self.add("zero_optimization.stage", f"must be 0, 1, 2 or 3, not {stage!r}")
-            return
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if stage not in (0, 1, 2, 3):
+            return  # not an object, or no stage: refused by the value-type check
         for name in ("offload_optimizer", "offload_param"):
             self._offload_rules(name, zero.get(name), stage)
-        for key in (
-            "reduce_bucket_size",
-            "allgather_bucket_size",
-            "stage3_prefetch_bucket_size",
-            "stage3_max_live_parameters",
-            "sub_group_size",
-        ):
-            value = zero.get(key)
-            if value is not None and not _is_auto(value) and (not _is_int(value) or value < 0):
-                self.add(
-                    f"zero_optimization.{key}", f"must be a whole number of elements, not {value!r}"
-                )
         if stage != 3:
             stage3 = sorted(k for k in zero if k.startswith("stage3_"))
             if stage3:
@@ -524,16 +727,9 @@ class _Checker:
         if block is None:
             return
         path = f"zero_optimization.{name}"
-        if not isinstance(block, dict):
-            self.add(path, f"must be an object, not {block!r}")
-            return
-        device = block.get("device", "none")
-        if device not in OFFLOAD_DEVICES:
-            if not _is_auto(device):
-                self.add(f"{path}.device", f"must be one of none, cpu, nvme, not {device!r}")
-            return
-        if device == "none":
-            return
+        device = block.get("device", "none") if isinstance(block, dict) else None
+        if device not in OFFLOAD_DEVICES or device == "none":
+            return  # none, or refused by the value-type check
         if name == "offload_param" and stage != 3:
             self.add(
                 f"{path}.device",
@@ -786,8 +982,11 @@ def check_ds_config(
     if not allow_auto:
         checker.auto_values()
     checker.batch_rules(world_size)
-    # The value rules see the config without its "auto" leaves (reported once, above).
-    values = _Checker(_strip_auto(config), source)
+    types = _Checker(config, source)
+    read = types.value_types()
+    # The value rules see the config as DeepSpeed reads it: coerced, without its "auto"
+    # leaves (reported once, above).
+    values = _Checker(_strip_auto(read), source)
     values.precision_rules()
     values.clipping_rule()
     values.parallel_size_rules()
@@ -795,7 +994,11 @@ def check_ds_config(
     values.optimizer_rules()
     values.checkpoint_rules()
     values.activation_checkpointing_rules()
-    return checker.problems + values.problems
+    # One message per fault: where the type check refused a value, a rule about the same
+    # value adds nothing.
+    refused = {p.path for p in types.problems if p.severity == "error"}
+    rest = [p for p in values.problems if p.severity != "error" or p.path not in refused]
+    return checker.problems + types.problems + rest
 
 
 # --------------------------------------------------------------------------------------
@@ -916,7 +1119,8 @@ def validate_file(
 ) -> list[Problem]:
     """Read, check, and (optionally) run DeepSpeed's parser on one config file.
 
-    DeepSpeed's own complaint (it stops at its first) is always reported beside dstrain's.
+    DeepSpeed's own complaint (it stops at its first) is reported beside dstrain's, unless
+    dstrain's value-type check already said it in the same words at the same path.
     """
     config, problems = read_ds_json(path, stdin=stdin)
     if config is None:
@@ -924,5 +1128,10 @@ def validate_file(
     source = "<stdin>" if path == "-" else path
     problems += check_ds_config(config, source, world_size=world_size, allow_auto=allow_auto)
     if use_deepspeed:
-        problems += deepspeed_parser_problems(config, source) or []
+        ours = {(p.path, p.message) for p in problems if p.severity == "error"}
+        for theirs in deepspeed_parser_problems(config, source) or []:
+            # The value-type check quotes pydantic's own words: the same fault, said once.
+            said = theirs.message.removeprefix("DeepSpeed: ")
+            if not any(path == theirs.path and said in message for path, message in ours):
+                problems.append(theirs)
     return problems

@@ -103,8 +103,9 @@ class LossScaling(_Node):
     consecutive_hysteresis: bool = False
     """Refill the hysteresis budget after every clean step, not only at window ends."""
 
-    min_loss_scale: float = Field(default=1.0, gt=0.0)
-    """Floor of the dynamic scale; another overflow there stops training."""
+    min_loss_scale: int = Field(default=1, ge=1)
+    """Floor of the dynamic scale, a whole number (DeepSpeed 0.19.8 refuses 0.5); another
+    overflow there stops training."""
 
 
 class Offload(_Node):

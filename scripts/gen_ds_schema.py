@@ -21,6 +21,18 @@ committed table. The table is *measured* from the installed DeepSpeed, not typed
   `"zero_optimization": true`;
 - `model_blocks`: the JSON block each pydantic model parses, so that DeepSpeed's
   validation errors (which name the model and a path inside it) get the full JSON path;
+- `value_types`: for each block a pydantic model parses, the type of every field in a
+  small vocabulary (bool, int, float, str, path, list, dict, tuple, object = a nested
+  model, enum/literal choices, union, any, instance of a Python class) with `nullable`
+  for Optional and the Field bounds (gt, ge, lt, le). `dstrain validate` rebuilds a
+  pydantic validator from each and so coerces exactly as DeepSpeed's lax models do.
+  Field validators that run before the type are not copied: probing each field with
+  bools and non-finite floats records what they add (`no_bool`, `finite`), and every
+  field is then probed with a fixed set of JSON values through both DeepSpeed's model
+  and the rebuilt validator; where the rebuilt one would refuse a value DeepSpeed
+  accepts (a validator that widens the type), the field is marked `unchecked` and left
+  to DeepSpeed's parser. Model validators that compare fields (ZeRO stage against
+  offload ratio, fp16's dynamic-scaling floors) are left to the parser as well;
 - `checkpoint_tag_validation_modes`: the values DeepSpeed accepts (any case) for
   `checkpoint.tag_validation`;
 - optimizer and scheduler types and params: the names DeepSpeed's engine can build (its own
@@ -196,18 +208,152 @@ def _model_of(annotation) -> type | None:
     return None
 
 
-def _model_blocks(model: type, path: str, blocks: dict[str, list[str]]) -> None:
-    """Field names and aliases of `model` at `path`, and of every nested model below it."""
+def _model_blocks(
+    model: type, path: str, blocks: dict[str, list[str]], types: dict[str, dict] | None = None
+) -> None:
+    """Field names and aliases of `model` at `path`, and of every nested model below it.
+
+    With `types`, also the measured value type of each field (see `describe_field`).
+    """
     keys = set()
+    fields = {}
     for name, field in model.model_fields.items():
         keys.add(name)
         if field.alias:
             keys.add(field.alias)
+        if types is not None:
+            described = describe_field(model, name)
+            for key in {name, field.alias} - {None}:
+                fields[key] = described
         nested = _model_of(field.annotation)
         if nested is not None:
             for key in {name, field.alias} - {None}:
-                _model_blocks(nested, _join(path, key), blocks)
+                _model_blocks(nested, _join(path, key), blocks, types)
     blocks[path] = sorted(keys)
+    if types is not None:
+        types[path] = dict(sorted(fields.items()))
+
+
+# --------------------------------------------------------------------------------------
+# Value types: each model field reduced to a small JSON description
+# --------------------------------------------------------------------------------------
+
+BOUNDS = ("gt", "ge", "lt", "le")
+# JSON values (as json.loads gives them: it reads Infinity and NaN too) sent through both
+# DeepSpeed's field and the validator rebuilt from its description. No "auto": the custom
+# DeepSpeedConfigModel.__init__ drops it before validation, in nested models too (pydantic
+# calls a model's own __init__ for nested blocks), and dstrain reports it apart.
+PROBES = (
+    True, False, 0, 1, 2, 3, -1, 0.5, 1.0, 1.5, 5e8, float("inf"), float("-inf"), float("nan"),
+    "1", "0.5", "true", "no", "x", "", "none", "cpu", "nvme", "torch",
+    None, [], ["x"], [1], ["z1"], {}, {"x": 1}, {"enabled": True},
+)  # fmt: skip
+
+
+def describe_type(annotation) -> dict:
+    """An annotation in the vocabulary of `dstrain.ds_check.value_type`."""
+    import enum
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            inner = describe_type(rest[0])
+        else:
+            inner = {"type": "union", "of": [describe_type(a) for a in rest]}
+        return {**inner, "nullable": True} if len(rest) < len(args) else inner
+    if origin is typing.Literal:
+        return {"type": "literal", "choices": list(args)}
+    if annotation is list or origin is list:
+        return {"type": "list", "items": describe_type(args[0])} if args else {"type": "list"}
+    if annotation in (dict, typing.Dict) or origin is dict:  # noqa: UP006 (DeepSpeed's own)
+        return {"type": "dict"}
+    if annotation in (tuple, typing.Tuple) or origin is tuple:  # noqa: UP006
+        return {"type": "tuple"}
+    if annotation in (typing.Any, object):
+        return {"type": "any"}
+    if annotation in (bool, int, float, str):
+        return {"type": annotation.__name__}
+    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
+        return {"type": "path"}
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return {"type": "enum", "choices": [member.value for member in annotation]}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"type": "object"}  # its own fields are described at its own block path
+    if isinstance(annotation, type):  # arbitrary_types_allowed: an isinstance check
+        return {"type": "instance", "of": f"{annotation.__module__}.{annotation.__qualname__}"}
+    raise ValueError(f"no description for annotation {annotation!r}")
+
+
+def _field_refuses(model: type, name: str, value) -> bool | None:
+    """Whether DeepSpeed's `model` refuses `value` for field `name` (None: cannot tell).
+
+    `model_validate` skips DeepSpeedConfigModel.__init__, which drops "auto" values and
+    runs deprecations; errors of other fields or of model validators (loc ()) are not the
+    field's.
+    """
+    from pydantic import ValidationError
+
+    field = model.model_fields[name]
+    try:
+        model.model_validate({name: value})
+    except ValidationError as exc:
+        return any(e["loc"][:1] in ((name,), (field.alias,)) for e in exc.errors())
+    except Exception:  # a model validator raising a plain error
+        return None
+    return False
+
+
+def _rebuilt_refuses(description: dict, value) -> bool:
+    from pydantic import ValidationError
+
+    from dstrain.ds_check import value_type_adapter
+
+    try:
+        value_type_adapter(json.dumps(description, sort_keys=True)).validate_python(value)
+    except ValidationError:
+        return True
+    return False
+
+
+def describe_field(model: type, name: str) -> dict:
+    """The measured description of one field: type, bounds, probed extras."""
+    import annotated_types
+
+    field = model.model_fields[name]
+    try:
+        described = describe_type(field.annotation)
+    except ValueError:
+        described = {"type": "any"}
+    for item in field.metadata:
+        bounds = {b: getattr(item, b) for b in BOUNDS if getattr(item, b, None) is not None}
+        if isinstance(item, annotated_types.BaseMetadata) and bounds:
+            described.update(bounds)
+        else:
+            described["unchecked"] = f"Field metadata {item!r} has no description"
+    # What a validator running before the type adds (fp16's scale fields refuse bools and
+    # inf/nan, which pydantic's lax int/float would accept): measured, not copied.
+    plain = dict(described)
+    if all(
+        _field_refuses(model, name, v) and not _rebuilt_refuses(plain, v) for v in (True, False)
+    ):
+        described["no_bool"] = True
+    non_finite = (float("inf"), float("-inf"), float("nan"))
+    if all(_field_refuses(model, name, v) and not _rebuilt_refuses(plain, v) for v in non_finite):
+        described["finite"] = True
+    choices = described.get("choices", []) + described.get("items", {}).get("choices", [])
+    for value in (*PROBES, *choices):
+        if "unchecked" in described:
+            break
+        if _rebuilt_refuses(described, value) and _field_refuses(model, name, value) is False:
+            described["unchecked"] = (
+                f"a validator of {model.__name__} accepts {value!r}, which the type refuses"
+            )
+    return json.loads(json.dumps(described, sort_keys=True))  # sorted at every level
 
 
 def _model_at(model: type, loc: tuple) -> type:
@@ -267,6 +413,7 @@ def measure_blocks(top_keys: set[str]) -> dict:
     strict: set[str] = set()
     opened: set[str] = set()
     model_blocks: dict[str, list[str]] = defaultdict(list)
+    value_types: dict[str, dict] = {}
 
     def visit(path: str, depth: int) -> None:
         found = _probe_model(path)
@@ -277,7 +424,7 @@ def measure_blocks(top_keys: set[str]) -> dict:
             if root not in model_blocks[title]:
                 model_blocks[title].append(root)
             sub = {}
-            _model_blocks(_model_at(models[title], loc), path, sub)
+            _model_blocks(_model_at(models[title], loc), path, sub, value_types)
             blocks.update(sub)
             strict.update(sub)
             return
@@ -303,6 +450,7 @@ def measure_blocks(top_keys: set[str]) -> dict:
         "strict": strict,
         "open": opened,
         "model_blocks": {k: sorted(v) for k, v in model_blocks.items()},
+        "value_types": value_types,
     }
 
 
@@ -477,6 +625,7 @@ def build_schema() -> dict:
         "engine_keys": sorted(engine_keys),
         "boolean_zero_keys": sorted(top["boolean_zero"]),
         "model_blocks": dict(sorted(measured["model_blocks"].items())),
+        "value_types": dict(sorted(measured["value_types"].items())),
         "checkpoint_tag_validation_modes": sorted(CHECKPOINT_TAG_VALIDATION_MODES),
         "optimizers": measure_optimizers(),
         "schedulers": measure_schedulers(),

@@ -289,10 +289,8 @@ def test_train_settings_errors_name_the_flag():
 
 def test_train_config_without_a_file_is_the_settings_defaults_or_the_demo_preset():
     torch = pytest.importorskip("torch")
-    from dstrain.train import train_ds_config
-
     from dstrain.settings import DeepSpeedSettings
-    from dstrain.train import DEMO_PRESET
+    from dstrain.train import DEMO_PRESET, train_ds_config
 
     defaults = DeepSpeedSettings()
     plain = train_ds_config({}, demo=False, world_size=1).run

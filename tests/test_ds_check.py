@@ -111,7 +111,7 @@ def test_auto_batch_key_explains_the_type_error():
         ({"fp16": {"enabled": True, "loss_scale_window": 0}}, "fp16.loss_scale_window", ">= 1"),
         ({"fp16": {"enabled": True, "min_loss_scale": 0}}, "fp16.min_loss_scale", "> 0"),
         ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage", "0, 1, 2 or 3"),
-        ({"fp16": {"enabled": "true"}}, "fp16.enabled", "true or false"),
+        ({"fp16": {"enabled": "maybe"}}, "fp16.enabled", "true or false"),
         (
             {"optimizer": {"type": "AdamW", "params": {"max_grad_norm": 1.0}}},
             "optimizer.params.max_grad_norm",
@@ -421,3 +421,153 @@ def test_deepspeed_plain_errors_get_a_path():
     assert problems[0].path == "elasticity"
     bf16 = deepspeed_parser_problems({**BASE, "bfloat16": {"enabled": True, "x": 1}}, "x")
     assert bf16[0].path == "bfloat16.x"
+
+
+# --------------------------------------------------------------------------------------
+# Value types measured from DeepSpeed's models (ds_schema.json["value_types"])
+# --------------------------------------------------------------------------------------
+
+# (block, verdict at `path`): "error" where DeepSpeed's parser refuses the value, "warning"
+# where its lax coercion reads it as another JSON value, "ok" where it takes it as written.
+VALUE_CASES = [
+    # bool: pydantic's lax bool reads "true", "yes", 1, 0 and refuses the rest
+    ({"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}}, "error"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": 2}}, "error"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": "true"}}, "warning"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": 1}}, "warning"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": None}}, "ok"),  # Optional[bool]
+    ({"fp16": {"enabled": "yes please"}}, "error"),
+    # int with Field bounds; a whole float is an int, a fractional one is not
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 0}}, "error"),  # gt=0
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8}}, "ok"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 2.5}}, "error"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "5e8"}}, "error"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": 0}}, "ok"),  # ge=0
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": -1}}, "error"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "200"}}, "warning"),
+    # fp16's scale keys: a validator refuses bools (measured by probing), the type fractions
+    ({"fp16": {"enabled": True, "min_loss_scale": 0.5}}, "error"),
+    ({"fp16": {"enabled": True, "min_loss_scale": True}}, "error"),
+    ({"fp16": {"enabled": True, "loss_scale_window": False}}, "error"),
+    ({"fp16": {"enabled": True, "loss_scale": "x"}}, "error"),
+    ({"fp16": {"enabled": True, "loss_scale": "128"}}, "warning"),
+    ({"fp16": {"enabled": True, "loss_scale": -1}}, "error"),  # its validator: >= 0
+    # float with bounds
+    (
+        {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 2}}},
+        "error",
+    ),
+    (
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+        "ok",
+    ),
+    # enums: ZeRO stage (int values: "2" and true coerce), offload device (strings)
+    ({"zero_optimization": {"stage": 5}}, "error"),
+    ({"zero_optimization": {"stage": "2"}}, "warning"),
+    ({"zero_optimization": {"stage": True}}, "warning"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "error"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "CPU"}}}, "error"),
+    ({"weight_quantization": {"q_type": "symmetric"}}, "ok"),
+    # Literal items of a list
+    ({"compile": {"passes": ["z1", "zz"]}}, "error"),
+    ({"compile": {"passes": "z1"}}, "error"),
+    ({"compile": {"passes": ["z1"]}}, "ok"),
+    ({"tensor_parallel": {"vocab_parallel_ce_backend": "cuda"}}, "error"),
+    # a nested model needs an object; a model root too
+    ({"zero_optimization": {"stage": 3, "offload_param": "cpu"}}, "error"),
+    ({"comms_logger": True}, "error"),
+    ({"tensorboard": "on"}, "error"),
+    # str, path, dict, union, instance
+    ({"wandb": {"project": 3}}, "error"),
+    (
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": 7}}},
+        "error",
+    ),
+    ({"tensor_parallel": {"partition_config": "x"}}, "error"),
+    ({"zero_optimization": {"stage": 2, "zenflow": {"select_interval": 1.5}}}, "error"),
+    ({"zero_optimization": {"stage": 2, "zenflow": {"select_interval": 4}}}, "ok"),
+    ({"tensor_parallel": {"dtype": "bf16"}}, "error"),  # a torch.dtype: no JSON value is one
+]
+
+
+def _leaf(config: dict) -> str:
+    """The dotted path of the one leaf a VALUE_CASES config sets besides `stage`."""
+    block, node = next(iter(config.items()))
+    path = [block]
+    while isinstance(node, dict) and node:
+        keys = [k for k in node if k not in ("stage", "enabled", "device")] or list(node)
+        last = keys[-1]
+        path.append(last)
+        node = node[last]
+    return ".".join(path)
+
+
+def _verdict(config: dict, path: str) -> str:
+    here = [p for p in check_ds_config({**BASE, **config}) if p.path.startswith(path)]
+    return next((s for s in ("error", "warning") if any(p.severity == s for p in here)), "ok")
+
+
+@pytest.mark.parametrize(("config", "verdict"), VALUE_CASES)
+def test_value_types_mirror_deepspeeds_models(config, verdict):
+    assert _verdict(config, _leaf(config)) == verdict
+
+
+@pytest.mark.parametrize(("config", "verdict"), VALUE_CASES)
+def test_value_type_verdicts_match_deepspeeds_parser(config, verdict):
+    """Where DeepSpeed refuses, dstrain errs; where it accepts, dstrain at most warns."""
+    pytest.importorskip("deepspeed")
+    refused = deepspeed_parser_problems({**BASE, **config}, "x")
+    assert bool(refused) == (verdict == "error"), refused
+
+
+def test_value_type_errors_name_the_path_what_deepspeed_does_and_a_fix():
+    found = errors({**BASE, "fp16": {"enabled": True, "min_loss_scale": 0.5}})
+    problem = found["fp16.min_loss_scale"]
+    assert "DeepSpeed's parser refuses it" in problem.message
+    assert "fractional part" in problem.message and problem.fix == "write a whole number"
+    item = errors({**BASE, "compile": {"passes": ["z1", "zz"]}})["compile.passes[1]"]
+    assert item.message.startswith('"zz" is not one of "z1"')
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"fp16": {"enabled": True, "loss_scale": "x"}},
+        {"fp16": "yes"},
+        {"zero_optimization": {"stage": 4}},
+        {"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}},
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+        {"zero_optimization": {"stage": 3, "offload_param": "cpu"}},
+    ],
+)
+def test_one_message_per_fault(config):
+    problems = [p for p in check_ds_config({**BASE, **config}) if p.severity == "error"]
+    assert len(problems) == 1, [p.format() for p in problems]
+
+
+def test_rules_see_values_as_deepspeed_reads_them():
+    # "true" and "yes" are both true to DeepSpeed, which then refuses fp16 + bf16 together
+    found = errors({**BASE, "fp16": {"enabled": "true"}, "bf16": {"enabled": "yes"}})
+    assert "both enabled" in found["bf16.enabled"].message
+    # stage "3" is stage 3: offloading parameters is fine there
+    config = {"stage": "3", "offload_param": {"device": "cpu"}}
+    assert errors({**BASE, "zero_optimization": config}) == {}
+
+
+def test_auto_values_are_left_to_the_auto_rule():
+    config = {**BASE, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    assert list(errors(config)) == ["zero_optimization.reduce_bucket_size"]
+    assert errors(config, allow_auto=True) == {}
+
+
+def test_value_types_were_measured_for_every_strict_block():
+    schema = load_schema()
+    assert set(schema["strict_blocks"]) <= set(schema["value_types"])
+    fp16 = schema["value_types"]["fp16"]
+    assert fp16["min_loss_scale"] == {"no_bool": True, "type": "int"}
+    assert schema["value_types"]["zero_optimization"]["reduce_bucket_size"] == {
+        "gt": 0,
+        "type": "int",
+    }
+    # the leaf-module validator wraps a string in a list: left to DeepSpeed's parser
+    assert "unchecked" in schema["value_types"]["zero_optimization.leaf_module"]["classes"]

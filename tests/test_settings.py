@@ -142,7 +142,7 @@ def test_fp16_block_carries_every_loss_scaling_knob():
                 "initial_scale_power": 12,
                 "hysteresis": 3,
                 "consecutive_hysteresis": True,
-                "min_loss_scale": 0.5,
+                "min_loss_scale": 2,
             },
         }
     )
@@ -154,7 +154,7 @@ def test_fp16_block_carries_every_loss_scaling_knob():
         "loss_scale_window": 500,
         "hysteresis": 3,
         "consecutive_hysteresis": True,
-        "min_loss_scale": 0.5,
+        "min_loss_scale": 2,
     }
 
 
@@ -202,3 +202,10 @@ def test_apply_overrides_keeps_base_and_skips_unset():
         "precision": "fp16",
     }
     assert base == {"zero_optimization": {"stage": 3}, "precision": "fp16"}
+
+
+def test_fractional_min_loss_scale_is_refused_as_deepspeed_would():
+    """DeepSpeed 0.19.8 types fp16.min_loss_scale as an int: 0.5 would write a JSON its
+    parser refuses, so the settings refuse it first, naming the field."""
+    with pytest.raises(DstrainError, match=r"fp16\.min_loss_scale"):
+        make_deepspeed_settings({"precision": "fp16", "fp16": {"min_loss_scale": 0.5}})
