@@ -346,9 +346,7 @@ def _precision(config: Mapping[str, Any], notes: list[str]) -> tuple[Precision, 
         notes.append("`bfloat16` is ignored: DeepSpeed reads `bf16` when both are given")
     bf16 = _parse(_Bf16, bf16_block, bf16_path)
     if fp16.enabled and bf16.enabled:
-        raise DstrainError(
-            "DeepSpeed 0.19.8 refuses this config: fp16 and bf16 are both enabled"
-        )
+        raise DstrainError("DeepSpeed 0.19.8 refuses this config: fp16 and bf16 are both enabled")
     for block, path in ((config.get("fp16"), "fp16"), (bf16_block, bf16_path)):
         if isinstance(block, Mapping) and _is_auto(block.get("enabled")):
             notes.append(f'{path}.enabled is "auto": DeepSpeed drops it (so it stays off)')
@@ -383,14 +381,19 @@ def _zero(config: Mapping[str, Any], notes: list[str]) -> ZeroRun:
             block["allgather_bucket_size"] = config["allgather_size"]
     zero = _parse(_Zero, block, "zero_optimization")
     stage = int(zero.stage)
-    offload_optimizer, offload_param = _offload(zero.offload_optimizer), _offload(zero.offload_param)
+    offload_optimizer, offload_param = (
+        _offload(zero.offload_optimizer),
+        _offload(zero.offload_param),
+    )
     # Deprecated switches that DeepSpeed turns into offload blocks.
     if zero.cpu_offload:
         offload_optimizer = OffloadRun("cpu")
         notes.append("zero_optimization.cpu_offload is deprecated: read as a CPU optimizer offload")
     if zero.cpu_offload_param:
         offload_param = OffloadRun("cpu")
-        notes.append("zero_optimization.cpu_offload_param is deprecated: read as a CPU param offload")
+        notes.append(
+            "zero_optimization.cpu_offload_param is deprecated: read as a CPU param offload"
+        )
     gather = zero.gather_16bit_weights_on_model_save
     if zero.stage3_gather_fp16_weights_on_model_save is not None:
         gather = zero.stage3_gather_fp16_weights_on_model_save
@@ -463,7 +466,9 @@ def resolve_ds_run(config: Mapping[str, Any]) -> DsRun:
     scheduler_type, scheduler_params = _typed_block(config, "scheduler")
     clip = config.get("gradient_clipping", 1.0)  # DeepSpeed's default, not "off"
     data_types = config.get("data_types")
-    grad_accum_dtype = data_types.get("grad_accum_dtype") if isinstance(data_types, Mapping) else None
+    grad_accum_dtype = (
+        data_types.get("grad_accum_dtype") if isinstance(data_types, Mapping) else None
+    )
     steps_per_print = config.get("steps_per_print")
     return DsRun(
         precision=precision,
@@ -509,9 +514,7 @@ def load_ds_run(
 
     config, problems = read_ds_json(path)
     if config is not None:
-        problems += check_ds_config(
-            config, path, world_size=world_size, allow_auto=allow_auto
-        )
+        problems += check_ds_config(config, path, world_size=world_size, allow_auto=allow_auto)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         lines = "\n  ".join(p.format() for p in errors)

@@ -40,7 +40,9 @@ CASES = {
         }
     },
     "fp16 static scale": {"fp16": {"enabled": True, "loss_scale": 128.0}},
-    "fp16 auto knobs": {"fp16": {"enabled": True, "loss_scale_window": "auto", "hysteresis": "auto"}},
+    "fp16 auto knobs": {
+        "fp16": {"enabled": True, "loss_scale_window": "auto", "hysteresis": "auto"}
+    },
     "zero boolean true": {"zero_optimization": True},
     "zero boolean true with allgather_size": {"zero_optimization": True, "allgather_size": 1e7},
     "zero boolean false": {"zero_optimization": False},
@@ -177,7 +179,9 @@ def test_run_matches_deepspeeds_parser(name, deepspeed_config):
         their_monitor = getattr(theirs.monitor_config, monitor)
         assert ours.monitor(monitor).enabled == their_monitor.enabled, monitor
     if ours.monitor("csv_monitor").enabled:
-        assert ours.monitor("csv_monitor").output_path == theirs.monitor_config.csv_monitor.output_path
+        assert (
+            ours.monitor("csv_monitor").output_path == theirs.monitor_config.csv_monitor.output_path
+        )
 
 
 @pytest.mark.parametrize(
@@ -256,7 +260,9 @@ def test_describe_names_precision_stage_and_offload():
 
 def test_load_ds_run_checks_before_resolving(tmp_path):
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "bfloat16": {"enabled": True}}))
+    good.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 2, "bfloat16": {"enabled": True}})
+    )
     checked = load_ds_run(str(good), world_size=2)
     assert checked.run.precision == "bf16"
     assert checked.run.batch.resolve(2) == (4, 2, 1)

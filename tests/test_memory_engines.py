@@ -65,7 +65,11 @@ def _estimate_row(case: dict, stage: int):
     arch = architecture_from_hf_config(case["model"], name="probe")
     assert arch.num_params() == case["numel"]  # the probe's model is this GPT-NeoX shape
     estimate = estimate_for_run(
-        arch, resolve_ds_run(case["ds_config"]), world_size=2, gpus_per_node=2, seq_len=case["seq_len"]
+        arch,
+        resolve_ds_run(case["ds_config"]),
+        world_size=2,
+        gpus_per_node=2,
+        seq_len=case["seq_len"],
     )
     return estimate.stage(stage)
 
