@@ -324,6 +324,44 @@ def export_command(checkpoint: str, output: str, export_pt: bool, overwrite: boo
     )
 
 
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR...]")
+@click.option(
+    "--compare",
+    "compare",
+    multiple=True,
+    metavar="RUN_DIR",
+    help="Overlay another run (repeatable; run directories after it are overlaid too).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="report.png (.svg, .pdf), or report.html: the PNG and a summary table in one page. "
+    "Default RUN_DIR/report.png (RUN_DIR/report-compare.png with several runs).",
+)
+def report_command(run_dirs: tuple[str, ...], compare: tuple[str, ...], output: str | None) -> None:
+    """Plot a training run: loss (raw, smoothed, validation), perplexity, learning rate,
+    fp16 loss scale with skipped steps, throughput and memory, against step.
+
+    Reads RUN_DIR/metrics.jsonl (a run in progress too; a resumed run is one curve).
+
+    \b
+    Examples:
+      dstrain report runs/ha
+      dstrain report runs/zero2 --compare runs/zero3 -o zero2-vs-3.html
+    """
+    from dstrain.report import default_output, write_report
+
+    runs = [*run_dirs, *compare]
+    target = output or default_output(runs)
+    report = write_report(runs, target)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    steps = ", ".join(f"{run.label} step {run.last_step}" for run in report.runs)
+    click.echo(f"wrote {target} ({len(report.panels)} panels; {steps})")
+
+
 # --------------------------------------------------------------------------------------
 # hostfile, launch, doctor: clusters, through DeepSpeed's own launcher
 # --------------------------------------------------------------------------------------
@@ -642,6 +680,14 @@ def doctor_command(
 )
 @click.option("--zero-init", is_flag=True, help="The model is built under deepspeed.zero.Init.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw a stacked bar per ZeRO stage against the usable GPU memory, the "
+    "recommended stage marked (.png, .svg or .pdf; imports matplotlib).",
+)
 def estimate_command(
     model_name: str | None,
     params: float | None,
@@ -667,6 +713,7 @@ def estimate_command(
     ds_config_path: str | None,
     zero_init: bool,
     as_json: bool,
+    plot_path: str | None,
 ) -> None:
     """Per-GPU memory for ZeRO stages 0-3, and the lowest stage that fits.
 
@@ -676,10 +723,14 @@ def estimate_command(
 
     \b
       dstrain estimate --model genslm_2.5B --gpus-per-node 4 --nodes 2 \\
-          --gpu-mem-gib 40
+          --gpu-mem-gib 40 --plot estimate.png
     """
     from dstrain.memory import estimate_from_flags
 
+    if plot_path is not None:  # a name matplotlib cannot write is refused before any work
+        from dstrain.estimate_chart import check_plot_path
+
+        check_plot_path(plot_path)
     estimate = estimate_from_flags(
         model_name=model_name,
         params=params,
@@ -715,6 +766,11 @@ def estimate_command(
         from dstrain.memory import format_estimate_table
 
         click.echo(format_estimate_table(estimate))
+    if plot_path is not None:
+        from dstrain.estimate_chart import write_estimate_chart
+
+        write_estimate_chart(estimate, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 # -- end of commands --

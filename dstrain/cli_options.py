@@ -91,7 +91,8 @@ class Row:
     switch: bool = False
     """Literal: one flag per value (`--bf16`) instead of `--precision bf16`."""
     enable: str | None = None
-    """A monitor: the flag takes DIR, sets this field to DIR and `enabled` to True."""
+    """A monitor: the flag takes DIR (or the row's metavar, e.g. PROJECT), sets this field
+    to it and `enabled` to True."""
     also_sets: tuple[str, ...] = ()
     help_from: tuple[str, ...] = ()
     """Fields whose docstrings go first (the parent block of a shared node like Offload)."""
@@ -175,15 +176,17 @@ def make_spec(model: type[BaseModel], row: Row) -> FlagSpec:
     common: dict[str, Any] = {"path": row.path, "dest": dest, "also_sets": row.also_sets}
     common["const"], common["metavar"] = row.const, row.metavar
     origin = typing.get_origin(annotation)
-    if row.enable is not None:  # a monitor: given DIR it is enabled and writes there
-        block = row.enable.rsplit(".", 1)[0]
+    if row.enable is not None:  # a monitor: given DIR (or PROJECT) it is enabled with it
+        block, leaf = row.enable.rsplit(".", 1)
         enabled = field_info(model, f"{block}.enabled").get_default()
         shown = row.default_text or ("on" if enabled else "off")
+        metavar = row.metavar or "DIR"
+        where = "writes there" if leaf == "output_path" else f"logs to that {leaf}"
         return FlagSpec(
-            **{**common, "path": row.enable, "metavar": row.metavar or "DIR"},
+            **{**common, "path": row.enable, "metavar": metavar},
             names=(name, *row.aliases),
             kind="enable",
-            help=f"{doc} Given DIR, it is enabled and writes there. [default: {shown}]",
+            help=f"{doc} Given {metavar}, it is enabled and {where}. [default: {shown}]",
             default=None,
             type=str,
         )
@@ -295,6 +298,8 @@ DEEPSPEED_ROWS = (
     Row("wall_clock_breakdown"),
     Row("csv_monitor", name="--csv-monitor", enable="csv_monitor.output_path"),
     Row("tensorboard", name="--tensorboard", enable="tensorboard.output_path"),
+    Row("wandb", name="--wandb", enable="wandb.project", metavar="PROJECT"),
+    Row("comet", name="--comet", enable="comet.project", metavar="PROJECT"),
 )
 """gen-config's flags (and train's, as the alternative to --deepspeed_config)."""
 
@@ -332,6 +337,7 @@ TRAIN_ROWS = (
     Row("max_skipped_share"),
     Row("export"),
     Row("export_pt"),
+    Row("report"),
     Row("progress"),
     Row("timeout_s"),
     Row("dump_params"),

@@ -18,7 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstrain.settings import DeepSpeedSettings, Monitor, Offload, ZeroSettings
+from dstrain.settings import (
+    CometMonitor,
+    DeepSpeedSettings,
+    Monitor,
+    Offload,
+    WandbMonitor,
+    ZeroSettings,
+)
 
 if TYPE_CHECKING:
     from dstrain.ds_check import Problem
@@ -92,6 +99,13 @@ def _monitor_block(monitor: Monitor) -> dict[str, Any]:
     return {"enabled": True, "output_path": monitor.output_path, "job_name": monitor.job_name}
 
 
+def _service_block(monitor: WandbMonitor | CometMonitor) -> dict[str, Any]:
+    """A wandb / comet block: `enabled`, then the fields in settings order; unset (None)
+    ones are left out, so DeepSpeed and the service's own configuration decide them."""
+    fields = monitor.model_dump(exclude={"enabled"}, exclude_none=True)
+    return {"enabled": True, **fields}
+
+
 def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
     """The DeepSpeed config dict for `settings`, keys in a fixed order."""
     batch = settings.batch
@@ -148,6 +162,10 @@ def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
         config["csv_monitor"] = _monitor_block(settings.csv_monitor)
     if settings.tensorboard.enabled:
         config["tensorboard"] = _monitor_block(settings.tensorboard)
+    if settings.wandb.enabled:
+        config["wandb"] = _service_block(settings.wandb)
+    if settings.comet.enabled:
+        config["comet"] = _service_block(settings.comet)
     return config
 
 
@@ -218,12 +236,17 @@ def render_ds_config(config: dict[str, Any]) -> str:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` so readers see the old file or the new one, never half."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -44,6 +44,13 @@ OffloadDevice = Literal["none", "cpu", "nvme"]
 MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")
 """The monitor blocks DeepSpeed 0.19.8 reads (deepspeed/monitor/config.py)."""
 
+FILE_MONITORS = ("tensorboard", "csv_monitor")
+"""The monitors that write files under `output_path`; wandb and comet send to a service
+and DeepSpeed refuses an `output_path` key in their blocks."""
+
+MONITOR_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}
+"""The package each monitor imports when DeepSpeed builds it (the csv monitor needs none)."""
+
 
 # --------------------------------------------------------------------------------------
 # The typed run
@@ -528,12 +535,26 @@ def load_ds_run(
     return CheckedConfig(config, resolve_ds_run(config), path)
 
 
+def missing_monitor_packages(run: DsRun) -> list[str]:
+    """The packages (pip names) that the enabled monitors need and this Python cannot find.
+    DeepSpeed imports them inside `deepspeed.initialize`, after the model is built, and
+    stops there with a bare ImportError; a training run checks them first."""
+    import importlib.util
+
+    return [
+        package
+        for name, package in MONITOR_PACKAGES.items()
+        if run.monitor(name).enabled and importlib.util.find_spec(package) is None
+    ]
+
+
 def with_monitor_dir(checked: CheckedConfig, directory: str) -> CheckedConfig:
-    """`checked` with every enabled monitor that has no output_path writing under
-    `directory` (DeepSpeed would write beside the launching script)."""
+    """`checked` with every enabled file monitor (tensorboard, csv) that has no
+    output_path writing under `directory` (DeepSpeed would write beside the launching
+    script)."""
     config = dict(checked.config)
     for monitor in checked.run.monitors:
-        if monitor.enabled and not monitor.output_path:
+        if monitor.name in FILE_MONITORS and monitor.enabled and not monitor.output_path:
             config[monitor.name] = {**config[monitor.name], "output_path": directory}
     if config == checked.config:
         return checked

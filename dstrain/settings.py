@@ -256,13 +256,60 @@ class Monitor(_Node):
     """A DeepSpeed metrics monitor (csv or tensorboard)."""
 
     enabled: bool = False
-    """Write DeepSpeed's own training metrics (loss, lr, loss scale) with this monitor."""
+    """Write the training metrics with this monitor: lr and loss scale from DeepSpeed, and
+    every number of dstrain's metrics.jsonl rows (loss, val_loss, tokens/s, ...)."""
 
     output_path: str = ""
     """Directory for the monitor's files; empty means the run's output directory."""
 
     job_name: str = "dstrain"
     """Sub-directory (tensorboard) or file prefix (csv) for this run."""
+
+
+class WandbMonitor(_Node):
+    """DeepSpeed's Weights & Biases monitor (the `wandb` block; rank 0 calls `wandb.init`,
+    so the wandb package and a login, e.g. `WANDB_API_KEY`, are needed where it trains)."""
+
+    enabled: bool = False
+    """Log the training metrics to W&B (as the csv and tensorboard monitors write them)."""
+
+    project: str = "dstrain"
+    """W&B project the run is logged to."""
+
+    group: str | None = None
+    """W&B group, to gather related runs (e.g. the ranks of a sweep); unset: none."""
+
+    team: str | None = None
+    """W&B team (entity) that owns the project; unset: your default entity."""
+
+
+class CometMonitor(_Node):
+    """DeepSpeed's Comet monitor (the `comet` block; rank 0 calls `comet_ml.start`, so the
+    comet_ml package is needed where it trains). Unset keys fall back to Comet's own
+    configuration (`.comet.config`, `COMET_*` environment variables); the API key is
+    deliberately not a setting: give it as `COMET_API_KEY`, not in a config file."""
+
+    enabled: bool = False
+    """Log the training metrics to Comet (as the csv and tensorboard monitors write them)."""
+
+    project: str | None = None
+    """Comet project name; unset: Comet's configuration (`COMET_PROJECT_NAME`)."""
+
+    workspace: str | None = None
+    """Comet workspace; unset: Comet's configuration (`COMET_WORKSPACE`)."""
+
+    experiment_name: str | None = None
+    """Name shown for this run in Comet; unset: Comet picks one."""
+
+    samples_log_interval: int = Field(default=100, ge=1)
+    """Send each metric to Comet once every this many training samples."""
+
+    online: bool | None = None
+    """False: keep an offline experiment on disk instead of sending it; unset: online."""
+
+    mode: Literal["get", "create", "get_or_create"] | None = None
+    """`get` continues an existing experiment, `create` always starts a new one,
+    `get_or_create` (Comet's default when unset) does whichever applies."""
 
 
 class DeepSpeedSettings(_Node):
@@ -306,6 +353,12 @@ class DeepSpeedSettings(_Node):
 
     tensorboard: Monitor = Field(default_factory=Monitor)
     """DeepSpeed's tensorboard monitor (needs the tensorboard package)."""
+
+    wandb: WandbMonitor = Field(default_factory=WandbMonitor)
+    """DeepSpeed's Weights & Biases monitor (needs the wandb package)."""
+
+    comet: CometMonitor = Field(default_factory=CometMonitor)
+    """DeepSpeed's Comet monitor (needs the comet_ml package)."""
 
     @model_validator(mode="after")
     def _check_combinations(self, info: ValidationInfo) -> DeepSpeedSettings:
@@ -381,11 +434,18 @@ class DeepSpeedSettings(_Node):
                 problems.append(
                     (f"activation_checkpointing.{key}", "activation checkpointing is off")
                 )
-        for name in ("csv_monitor", "tensorboard"):
-            monitor: Monitor = getattr(self, name)
+        monitor_flags = {
+            "csv_monitor": "--csv-monitor DIR",
+            "tensorboard": "--tensorboard DIR",
+            "wandb": "--wandb PROJECT",
+            "comet": "--comet PROJECT",
+        }
+        for name, flag in monitor_flags.items():
+            monitor: Monitor | WandbMonitor | CometMonitor = getattr(self, name)
             if not monitor.enabled:
                 for key in sorted(monitor.model_fields_set - {"enabled"}):
-                    problems.append((f"{name}.{key}", f"the {name} is off"))
+                    message = f"the {name} monitor is off: enable it ({flag}) or drop it"
+                    problems.append((f"{name}.{key}", message))
         return problems
 
 
@@ -554,6 +614,10 @@ class TrainSettings(_Node):
 
     export_pt: bool = False
     """Also write OUTPUT_DIR/export/pytorch_model.pt, a plain fp32 state_dict."""
+
+    report: bool = True
+    """Write OUTPUT_DIR/report.png at the end (rank 0): loss, validation, learning rate,
+    fp16 loss scale, throughput and memory against step, as `dstrain report` draws them."""
 
     progress: bool = True
     """Show a progress bar (rank 0)."""

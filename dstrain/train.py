@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from dstrain.ds_config import render_ds_config, write_text_atomic
-from dstrain.ds_run import CheckedConfig, DsRun, load_ds_run, resolve_ds_run, with_monitor_dir
+from dstrain.ds_run import (
+    CheckedConfig,
+    DsRun,
+    load_ds_run,
+    missing_monitor_packages,
+    resolve_ds_run,
+    with_monitor_dir,
+)
 from dstrain.errors import DstrainError
 from dstrain.settings import TrainSettings
 
@@ -504,6 +511,14 @@ def run(
         config_source = "the demo preset" if demo else "DeepSpeed flags and defaults"
         config_source += " (written to ds_config.json)"
     checked = with_monitor_dir(checked, str(output_dir / "monitor"))  # "" = the run's dir
+    missing = missing_monitor_packages(checked.run)
+    if missing:  # DeepSpeed would fail inside deepspeed.initialize, after the model is built
+        raise same_on_all_ranks(
+            DstrainError(
+                f"{config_source} turns on DeepSpeed monitors whose packages are not "
+                f"installed: pip install {' '.join(missing)}, or turn the monitor off."
+            )
+        )
     check_output_dir(output_dir)
 
     # 2. Processes.
@@ -966,6 +981,24 @@ class Trainer:
             clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
             self.metrics.write(json.dumps(clean, allow_nan=False) + "\n")
             self.metrics.flush()
+            self.write_monitor_events(clean)
+
+    def write_monitor_events(self, row: dict[str, Any]) -> None:
+        """Rank 0: a metrics row's numbers to DeepSpeed's enabled monitors (tensorboard,
+        csv, wandb, comet) as `Train/Samples/<key>`. DeepSpeed 0.19.8's own engine sends
+        them only lr, the loss scale and timings, never the loss. The x value is the
+        engine's sample count, as for DeepSpeed's own events (Comet's
+        samples_log_interval counts it too)."""
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not monitor.enabled:
+            return
+        own = ("step", "lr", "loss_scale")  # the x axis, and what DeepSpeed writes itself
+        events = [
+            (f"Train/Samples/{key}", value, self.engine.global_samples)
+            for key, value in row.items()
+            if key not in own and isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        monitor.write_events(events)
 
     def all_reduce(self, values: list[float], op=None) -> list[float]:
         """Sum (or `op`) floats over ranks, on the engine's device (NCCL needs CUDA)."""
@@ -1191,6 +1224,7 @@ class Trainer:
             self.output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"
         )
         self.close_telemetry()
+        report_path = self.write_report()  # after the summary: the report reads both files
         if torch.cuda.is_available():
             log(format_peak_comparison(self.estimate, peak))
         quality = (
@@ -1205,9 +1239,28 @@ class Trainer:
         )
         log(
             f"outputs: {self.output_dir}/metrics.jsonl, {self.ckpt_dir}/"
+            + (f", {report_path}" if report_path else "")
             + (f", {export_dir} (AutoModelForCausalLM.from_pretrained)" if export_dir else "")
         )
         return 1 if self.settings.export and export_dir is None else 0
+
+    def write_report(self) -> Path | None:
+        """Rank 0: OUTPUT_DIR/report.png from metrics.jsonl (`dstrain report`). A plot
+        that fails is a warning: the run it would picture has already succeeded."""
+        if not self.settings.report:
+            return None
+        from dstrain.report import REPORT_NAME, write_report
+
+        path = self.output_dir / REPORT_NAME
+        try:
+            write_report([self.output_dir], path)
+        except Exception as exc:  # matplotlib missing, a full disk, a metrics surprise
+            self.log(
+                f"warning: could not write {path} ({type(exc).__name__}: {exc}); the run "
+                f"itself is complete. Try again with `dstrain report {self.output_dir}`."
+            )
+            return None
+        return path
 
     def export(self) -> Path | None:
         """Rank 0: the HF export of the final checkpoint. A failure is reported (and makes

@@ -69,3 +69,47 @@ def make_upstream_checkpoint():
 
 
 # -- end of GenSLM models ---------------------------------------------------------------
+
+
+# -- fp16 loss scaling on CPU (tests/test_train.py, tests/test_report.py) ---------------
+# DeepSpeed refuses fp16 on CPU ("Type fp16 is not supported on your device"); these
+# fixtures patch only that accelerator check, and inject inf gradients with a hook on one
+# weight (the only way to force an overflow on demand).
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """DeepSpeed's CPU accelerator reports fp16 support: the only thing patched."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
+
+
+@pytest.fixture
+def inject_inf(monkeypatch):
+    """Make `build_model` return a model whose gradient is inf on chosen backward passes."""
+    import torch
+
+    import dstrain.model
+
+    real_build = dstrain.model.build_model
+    calls = {"backward": 0, "poison": set()}
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        weight = model.gpt_neox.embed_in.weight
+
+        def hook(grad):
+            calls["backward"] += 1
+            if calls["backward"] in calls["poison"] or "all" in calls["poison"]:
+                return torch.full_like(grad, float("inf"))
+            return grad
+
+        weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(dstrain.model, "build_model", build)
+    return calls
+
+
+# -- end of fp16 loss scaling -----------------------------------------------------------

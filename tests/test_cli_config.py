@@ -219,7 +219,7 @@ try:
     main({argv!r})
 except SystemExit as exc:
     assert not exc.code, exc.code
-heavy = sorted(m for m in ("torch", "deepspeed", "transformers") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "deepspeed", "transformers", "matplotlib") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
 """
 
@@ -230,6 +230,8 @@ print("HEAVY=" + ",".join(heavy), file=sys.stderr)
         ["--help"],
         ["gen-config", "--zero", "2", "--bf16"],
         ["validate", "--no-deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json")],
+        ["report", "--help"],
+        ["estimate", "--model", "genslm_2.5B", "--gpus-per-node", "8", "--gpu-mem-gib", "40"],
     ],
 )
 def test_cli_stays_light(argv):

@@ -38,7 +38,8 @@ def write_config(path: Path, **settings) -> Path:
 def train(*args: str) -> int:
     from dstrain.train import main
 
-    return main(["--no-progress", *map(str, args)])
+    # The end-of-run report.png has its own tests (test_report.py); ~1.7 s a run saved here.
+    return main(["--no-progress", "--no-report", *map(str, args)])
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -207,38 +208,7 @@ def test_accumulation_matches_a_larger_micro_batch(tmp_path, stage):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fp16_on_cpu(monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-
-    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
-
-
-@pytest.fixture
-def inject_inf(monkeypatch):
-    """Make `build_model` return a model whose gradient is inf on chosen backward passes."""
-    import torch
-
-    import dstrain.model
-
-    real_build = dstrain.model.build_model
-    calls = {"backward": 0, "poison": set()}
-
-    def build(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        weight = model.gpt_neox.embed_in.weight
-
-        def hook(grad):
-            calls["backward"] += 1
-            if calls["backward"] in calls["poison"] or "all" in calls["poison"]:
-                return torch.full_like(grad, float("inf"))
-            return grad
-
-        weight.register_hook(hook)
-        return model
-
-    monkeypatch.setattr(dstrain.model, "build_model", build)
-    return calls
+# fp16_on_cpu and inject_inf: tests/conftest.py (shared with tests/test_report.py).
 
 
 def fp16_config(path: Path, **scaling) -> Path:
@@ -566,6 +536,14 @@ def test_deepspeed_csv_monitor_and_best_checkpoints(tmp_path):
     )
     lr_csv = run_dir / "monitor" / "ha" / "Train_Samples_lr.csv"  # DeepSpeed's own monitor
     assert len(lr_csv.read_text().splitlines()) >= 8
+    # dstrain's metrics rows go to the same monitors (DeepSpeed itself never sends the loss)
+    loss_csv = run_dir / "monitor" / "ha" / "Train_Samples_loss.csv"
+    losses = [float(line.split(",")[1]) for line in loss_csv.read_text().splitlines()[1:]]
+    assert losses == pytest.approx([r["loss"] for r in train_rows(run_dir)])
+    val_csv = run_dir / "monitor" / "ha" / "Train_Samples_val_loss.csv"
+    assert len(val_csv.read_text().splitlines()) - 1 == len(
+        [r for r in rows(run_dir) if "val_loss" in r]
+    )
     ckpt = run_dir / "checkpoints"
     index = read_index(ckpt)
     kept = sorted(p.name for p in ckpt.glob("step*"))
