@@ -19,7 +19,8 @@ own sizes for tests and benchmarks.
 
 Upstream's JSON files also carry `attention_probs_dropout_prob` / `hidden_dropout_prob`
 (BERT's names, which GPT-NeoX ignores) and bos = eos = 0 ([UNK]); dstrain trains
-without dropout, as upstream effectively did, and uses the codon tokenizer's ids.
+without dropout, as upstream effectively did, and uses the codon tokenizer's ids. A
+config.json with GPT-NeoX's own `hidden_dropout` / `attention_dropout` trains with them.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class GenSLMArchitecture:
     """LayerNorm epsilon."""
     hidden_act: str = "gelu_fast"
     """MLP activation, a transformers ACT2FN name."""
+    hidden_dropout: float = 0.0
+    """Training dropout on the embeddings and each attention and MLP output (GPT-NeoX's
+    `hidden_dropout`). GenSLM trains with 0; only a config.json can set it."""
+    attention_dropout: float = 0.0
+    """Training dropout on the attention probabilities (GPT-NeoX's `attention_dropout`)."""
     description: str = ""
     """One line for listings: where the numbers come from."""
 
@@ -111,6 +117,7 @@ class GenSLMArchitecture:
         hold no weights; upstream's 10240-position variants share the 2048 ones' weights).
         """
         skip = {"name", "description", "max_position_embeddings"}
+        skip |= {"hidden_dropout", "attention_dropout"}  # training behaviour, no weights
         return [
             f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)}"
             for f in dataclasses.fields(self)
@@ -282,6 +289,13 @@ def architecture_from_hf_config(
         fields["hidden_act"] = cfg["hidden_act"]
         if not isinstance(cfg["hidden_act"], str):
             problems.append(f"hidden_act must be a string, got {cfg['hidden_act']!r}")
+
+    for key in ("hidden_dropout", "attention_dropout"):  # GPT-NeoX's names, not BERT's
+        if key in cfg:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                problems.append(f"{key} must be a number in [0, 1), got {value!r}")
+            fields[key] = value
 
     rope = cfg.get("rope_parameters") or {}
     if not isinstance(rope, dict):

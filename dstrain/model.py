@@ -71,7 +71,8 @@ _SHOWN = 8  # tensors listed per kind in a mismatch report
 def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
     """The transformers config for `arch`: GenSLM's settings, codon special ids, fp32.
 
-    No dropout (upstream's `*_dropout_prob` keys never reached GPT-NeoX). bos/eos/pad are
+    Dropout only as `arch` gives it: 0 for every registered architecture (upstream's
+    `*_dropout_prob` keys never reached GPT-NeoX). bos/eos/pad are
     the codon vocabulary's [CLS]=1, [SEP]=2, [PAD]=3 (upstream wrote 0, its [UNK]).
     """
     try:
@@ -90,8 +91,8 @@ def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
             use_parallel_residual=True,
             tie_word_embeddings=False,
             attention_bias=True,
-            attention_dropout=0.0,
-            hidden_dropout=0.0,
+            attention_dropout=arch.attention_dropout,
+            hidden_dropout=arch.hidden_dropout,
             bos_token_id=CLS_ID,
             eos_token_id=SEP_ID,
             pad_token_id=PAD_ID,

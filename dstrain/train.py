@@ -721,7 +721,6 @@ class Trainer:
         self.log = RankZeroLog(self.rank)
         self.output_dir = Path(settings.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        self._write_run_files()
 
         # Data: rank 0 tokenizes (or reuses the cache), every rank opens it.
         self.prepared, self.sources, self.cache_dir = load_data(
@@ -754,6 +753,8 @@ class Trainer:
         # Resume point: loads the checkpoint into the engine, returns the loop state.
         self.loop, self.start_step = self._resume()
         self.last_eval_step: int | None = None
+        # Only now: a refused resume must leave the run's settings.json as it was.
+        self._write_run_files()
 
         self.estimate = estimate_run_memory(
             arch, self.run, self.world, self._longest_sequence(), self.micro
@@ -859,6 +860,15 @@ class Trainer:
 
         saved = read_model_states(ckpt_dir, tag).get("dstrain") or {}
         now = self.run_identity()
+        if isinstance(saved.get("architecture"), dict):
+            # Architecture fields added since the checkpoint was written (e.g. dropout)
+            # compare at their defaults, so older checkpoints still resume.
+            defaults = {
+                f.name: f.default
+                for f in dataclasses.fields(self.arch)
+                if f.default is not dataclasses.MISSING
+            }
+            saved = {**saved, "architecture": {**defaults, **saved["architecture"]}}
         diffs = [
             f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
             for key, value in now.items()

@@ -5,8 +5,10 @@
     .venv/bin/python scripts/bench.py --update-readme   # ... and refresh README's table
     .venv/bin/python scripts/bench.py --quick -o /tmp/bench.json   # seconds (the test's)
 
-Writes scripts/bench-results.json (machine, versions, load average before and after,
-every raw sample, medians, targets, met or missed and by how much) and prints a table.
+Writes scripts/bench-results.json (machine, versions, the git commit and the sha256 of
+this file, load average before and after, every raw sample, medians, targets, met or
+missed and by how much) and prints a table. After editing this file, run it again:
+tests/test_bench.py fails while the results come from another version of it.
 Both sides of a comparison run in this one process or back to back, interleaved
 (A B A B), several repetitions; the median is reported. Each row also records the share
 of the CPU that other processes took meanwhile (the noise it was measured under).
@@ -26,7 +28,9 @@ of the CPU that other processes took meanwhile (the noise it was measured under)
    sides reading the same FASTA with biopython: `dstrain.prepare.prepare_dataset`
    (hash, parse, clean, encode, write the cache) vs upstream's per-record way (codons
    joined by spaces, the HF tokenizer padding to 2048). Upstream runs on the file's first
-   records only and is extrapolated per record. Target >= 10x; cache <= 1 byte per codon.
+   records only and is extrapolated per record; five interleaved repetitions, the median
+   ratio and its min-max spread reported. Target >= 10x; cache <= 1 byte per codon
+   (upstream's HDF5 cache: int64, 8 bytes per codon).
 4. CLI start-up: `dstrain --help` and `dstrain gen-config --zero 2 --bf16` wall time
    beside `python -c pass`. Target <= 0.3 s.
 5. Memory estimate: `dstrain.memory`'s `model_states_bytes` vs the bytes two CPU ranks'
@@ -43,6 +47,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import hashlib
 import itertools
 import json
 import os
@@ -69,6 +74,11 @@ README_END = "<!-- bench-results:end -->"
 NOISY_SHARE = 0.10
 """Above this share of the CPU taken by other processes a row gets a warning."""
 UPSTREAM_MAX_LENGTH = 2048  # upstream GenSLM pads every record to its 2048-codon context
+UPSTREAM_H5_ITEMSIZE_BYTES = 8
+"""Upstream GenSLM's HDF5 cache stores input_ids and attention_mask with dtype "i8", which
+is numpy's int64: 8 bytes per position (ramanathanlab/genslm, genslm/dataset.py,
+H5PreprocessMixin.write_h5). Its preprocess() casts to np.int8 in memory first, but the
+file's dtype wins."""
 MICRO_BATCH = 8
 
 
@@ -97,6 +107,7 @@ class Plan:
     upstream_records: int
     """Upstream tokenizes the file's first this many records (extrapolated per record)."""
     data_repetitions: int
+    """Interleaved runs of both sides; the median and the min-max spread are reported."""
     throughput: dict[str, ThroughputRuns]
     """The models compared on useful tokens/s, and how long."""
     overhead_steps: int
@@ -116,7 +127,7 @@ FULL = Plan(
     cli_repetitions=10,
     data_records=100_000,
     upstream_records=10_000,
-    data_repetitions=3,
+    data_repetitions=5,
     throughput={
         "genslm_tiny": ThroughputRuns(runs=2, longest_steps=20, max_length_steps=8, warmup_steps=2),
         "genslm_small": ThroughputRuns(
@@ -305,9 +316,20 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "--short", "HEAD")
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "uncommitted_changes": bool(status) if status is not None else None}
+    return {
+        "commit": commit,
+        "uncommitted_changes": bool(status) if status is not None else None,
+        # tests/test_bench.py compares this with the current file: results measured by an
+        # older bench.py are stale and must be regenerated.
+        "bench_py_sha256": bench_py_sha256(),
+    }
+
+
+def bench_py_sha256(path: Path = Path(__file__)) -> str:
+    """sha256 of this script's bytes: which benchmark code produced a results file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def cpu_ticks() -> tuple[int, int, float] | None:
@@ -472,16 +494,23 @@ def bench_data(plan: Plan, tmp: Path) -> dict[str, dict[str, Any]]:
     ours_per_record = median(ours_s) / records
     theirs_per_record = median(theirs_s_per_record)
     speedup = theirs_per_record / ours_per_record
+    # Each repetition's own ratio (both sides ran back to back): the spread of the figure.
+    speedups = [t * records / o for o, t in zip(ours_s, theirs_s_per_record, strict=True)]
+    spread = f"{min(speedups):.1f}-{max(speedups):.1f}x over {len(speedups)} runs"
     cache_bytes = sum(p.stat().st_size for p in prepared.cache_dir.iterdir())
     token_bytes = sum(p.stat().st_size for p in prepared.cache_dir.glob("*_tokens.bin"))
-    # Upstream's HDF5 preprocessing keeps input_ids and attention_mask as int8 rows of 2048.
-    upstream_bytes_per_codon = 2 * UPSTREAM_MAX_LENGTH * records / codons
+    # Upstream's HDF5 cache: input_ids and attention_mask rows of 2048 positions, int64.
+    upstream_bytes_per_codon = UPSTREAM_H5_ITEMSIZE_BYTES  # the ids alone, without padding
+    upstream_padded_bytes_per_codon = (
+        2 * UPSTREAM_H5_ITEMSIZE_BYTES * UPSTREAM_MAX_LENGTH * records / codons
+    )
     speed = {
         "title": f"Data prep, {records:,} records: dstrain vs upstream",
         "unit": "x",
         "samples": {
             "dstrain_prepare_s": rounded(ours_s),
             "upstream_s_per_record": rounded(theirs_s_per_record),
+            "speedup": rounded(speedups, 4),
         },
         "median": {
             "dstrain_s": round(median(ours_s), 4),
@@ -490,12 +519,13 @@ def bench_data(plan: Plan, tmp: Path) -> dict[str, dict[str, Any]]:
             "upstream_s_extrapolated": round(theirs_per_record * records, 2),
         },
         "value": round(speedup, 3),
+        "spread": {"min": round(min(speedups), 3), "max": round(max(speedups), 3)},
         **verdict(speedup, ">=", 10.0, fmt_ratio),
         "summary": {
             "dstrain": f"{median(ours_s):.1f} s ({1 / ours_per_record:,.0f} records/s)",
             "baseline": f"{theirs_per_record * records:.0f} s ({1 / theirs_per_record:,.0f} "
             f"records/s, from {plan.upstream_records:,})",
-            "result": f"{speedup:.1f}x",
+            "result": f"{speedup:.1f}x (median; {spread})",
         },
         "note": (
             f"both sides parse the same file with biopython; dstrain's time is the whole "
@@ -505,7 +535,8 @@ def bench_data(plan: Plan, tmp: Path) -> dict[str, dict[str, Any]]:
             f"padding='max_length', max_length=2048, truncation=True, Python lists kept: "
             f"cheaper than the numpy/torch tensors upstream's own code asks for) and "
             f"its time is extrapolated per record; {plan.data_repetitions} repetition(s), "
-            f"interleaved"
+            f"interleaved; the result is the ratio of the medians, the spread the min-max "
+            f"of the repetitions' own ratios"
         ),
     }
     bytes_per_codon = cache_bytes / codons
@@ -517,12 +548,14 @@ def bench_data(plan: Plan, tmp: Path) -> dict[str, dict[str, Any]]:
         "codons": codons,
         "examples": len(prepared.train) + len(prepared.val),
         "token_file_bytes_per_codon": round(token_bytes / codons, 4),
-        "upstream_int8_bytes_per_codon": round(upstream_bytes_per_codon, 2),
+        "upstream_int64_bytes_per_codon": upstream_bytes_per_codon,
+        "upstream_padded_bytes_per_codon": round(upstream_padded_bytes_per_codon, 2),
         "value": round(bytes_per_codon, 4),
         **verdict(bytes_per_codon, "<=", 1.0, lambda x: f"{x:.3f} B/codon"),
         "summary": {
             "dstrain": f"{bytes_per_codon:.3f} B/codon ({token_bytes / codons:.3f} token file)",
-            "baseline": f"{upstream_bytes_per_codon:.1f} B/codon (int8 ids + mask, padded)",
+            "baseline": f"{upstream_bytes_per_codon} B/codon (int64 ids; "
+            f"{upstream_padded_bytes_per_codon:.0f} padded to 2048, with the mask)",
             "result": f"{bytes_per_codon:.3f} B/codon",
         },
         "note": (
@@ -530,7 +563,10 @@ def bench_data(plan: Plan, tmp: Path) -> dict[str, dict[str, Any]]:
             "files hold exactly 1 byte per codon and each example adds an 8-byte int64 "
             "offset (8 / ~570 codons = 1.4%), so the whole cache cannot reach 1.0; "
             "upstream stores no cache by default (it re-tokenizes every run); its HDF5 "
-            "preprocessing writes int8 ids and mask rows of 2048 (before gzip)"
+            "preprocessing (genslm/dataset.py, H5PreprocessMixin.write_h5) writes input_ids "
+            'and attention_mask with dtype "i8" (int64, 8 bytes per position) in rows of '
+            "2048, before gzip: 8 B/codon for the ids alone, "
+            f"{upstream_padded_bytes_per_codon:.0f} B/codon with the padding and the mask"
         ),
     }
     return {"data_prep": speed, "cache_size": size}
@@ -1005,7 +1041,7 @@ def describe_run(results: dict[str, Any]) -> str:
         f"{m['memory_gib']} GiB RAM, {gpu}; load average (1/5/15 min) "
         f"{'/'.join(map(str, load['before'] or []))} before, "
         f"{'/'.join(map(str, load['after'] or []))} after (the benchmark's own included). "
-        f"dstrain {results['git']['commit']}, Python {v['python']}, torch {v['torch']}, "
+        f"dstrain {(results['git']['commit'] or '?')[:7]}, Python {v['python']}, torch {v['torch']}, "
         f"DeepSpeed {v['deepspeed']}, transformers {v['transformers']}."
     )
 

@@ -5,7 +5,7 @@
 # torch below 2.14; here torch==2.13.0 is installed first (on this project's machines
 # pip takes a local CPU wheel; elsewhere set TORCH_INDEX_URL, e.g. PyTorch's cpu or
 # cu126 wheel index). GPU users: install your CUDA build of torch into .venv first (any
-# 2.4 <= torch < 2.14), or set TORCH_SPEC; an installed torch is kept. The other
+# torch 2.13.x, the tested series), or set TORCH_SPEC; an installed torch is kept. The other
 # dependencies are pinned to the tested versions by scripts/constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

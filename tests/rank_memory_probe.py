@@ -30,9 +30,21 @@ of the first path that reaches them:
 - `master_gradient_bytes`: the fp32 gradients of the master copy;
 - `buffer_bytes`: everything else the optimizer holds (gradient buckets).
 
+The snapshots count what the engine holds at chosen points; they miss whatever lives
+between them. Each case also records `peak_rss_bytes`: the kernel's resident-set
+high-water mark (VmHWM, reset by writing "5" to /proc/self/clear_refs) over the second
+step (the first also loads kernels and builds Adam's state), minus the resident set just
+before the case built its model. It counts every page the step touched (model states,
+activations, temporaries, allocator slack): a true peak, from above. Run with
+MALLOC_MMAP_THRESHOLD_=65536 (the test does): glibc then returns every freed large block
+to the kernel at once, so memory an earlier case freed cannot be reused unseen below the
+baseline. torch keeps no CPU allocator statistics (torch.cpu has no memory_stats), hence
+the kernel's figure.
+
 Rank r writes `OUT_DIR/rank{r}.json`: {case: {"numel", "model", "ds_config", "optimizer",
-snapshots...}}. ZeRO-3 cases must come last (ZeRO-3 patches torch.nn.functional.linear for
-the rest of the process). Set PROBE_DEBUG=1 to list every storage with its path.
+"peak_rss_bytes", snapshots...}}. ZeRO-3 cases must come last (ZeRO-3 patches
+torch.nn.functional.linear for the rest of the process). Set PROBE_DEBUG=1 to list every
+storage with its path.
 """
 
 from __future__ import annotations
@@ -229,8 +241,23 @@ def _kept_flats(probe: dict) -> dict:
     return {f"flatten[{i}]": ("model_gradient_bytes", t) for i, t in enumerate(flats)}
 
 
+def _proc_status_bytes(field: str) -> int:
+    """`VmRSS` / `VmHWM` of this process, in bytes (/proc/self/status gives kB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Set VmHWM back to the current resident set (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def run_case(stage: int, precision: str) -> dict:
     """Two training steps of one case; the snapshots of the second."""
+    gc.collect()
+    baseline_rss = _proc_status_bytes("VmRSS")
     torch.manual_seed(0)
     config = GPTNeoXConfig(
         **MODEL, max_position_embeddings=64, tie_word_embeddings=False, use_cache=False
@@ -264,7 +291,9 @@ def run_case(stage: int, precision: str) -> dict:
 
     ids = torch.arange(SEQ_LEN * MICRO_BATCH).remainder(MODEL["vocab_size"])
     ids = ids.view(MICRO_BATCH, SEQ_LEN)
+    peak_rss = 0
     for _ in range(2):
+        _reset_peak_rss()
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         snaps["after_backward"] = snapshot(engine)
         probe["stepping"] = True
@@ -272,6 +301,7 @@ def run_case(stage: int, precision: str) -> dict:
         probe["stepping"] = False
         probe["flats"].clear()
         snaps["after_step"] = snapshot(engine)
+        peak_rss = _proc_status_bytes("VmHWM")  # the second step's, like the snapshots
 
     result = {
         "numel": numel,
@@ -279,6 +309,7 @@ def run_case(stage: int, precision: str) -> dict:
         "seq_len": SEQ_LEN,
         "ds_config": config_dict,
         "optimizer": type(engine.optimizer).__name__,
+        "peak_rss_bytes": peak_rss - baseline_rss,
         "snapshots": snaps,
     }
     engine.destroy()

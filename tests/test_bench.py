@@ -3,6 +3,7 @@ in step with the committed scripts/bench-results.json."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -72,6 +73,11 @@ def test_quick_benchmark_runs_every_comparison(tmp_path):
     assert medians["upstream"] > throughput["median_useful_tokens_per_s"]["upstream"]
     assert benchmarks["loop_overhead"]["samples_s_per_step"]["bare_loop"]
     assert benchmarks["cache_size"]["token_file_bytes_per_codon"] == 1.0
+    assert benchmarks["cache_size"]["upstream_int64_bytes_per_codon"] == 8
+    data_prep = benchmarks["data_prep"]
+    assert data_prep["spread"]["min"] <= data_prep["value"] <= data_prep["spread"]["max"]
+    assert len(data_prep["samples"]["speedup"]) == results["plan"]["data_repetitions"]
+    assert results["git"]["bench_py_sha256"] == sha256(BENCH)
     assert benchmarks["memory_estimate"]["cases"]
     # No GPU: the MFU code still ran, on CPU, and says it was skipped for real numbers.
     mfu = benchmarks["mfu"]
@@ -87,6 +93,22 @@ def test_committed_results_cover_every_comparison():
     for name in COMPARISONS:
         check_entry(name, results["benchmarks"][name])
     assert "mfu" in results["benchmarks"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_committed_results_come_from_the_current_bench_py():
+    """scripts/bench-results.json must be produced by this scripts/bench.py: after any edit
+    to bench.py, regenerate the results (and README's table) on a quiet machine with
+    `python scripts/bench.py --update-readme` and commit them together."""
+    git = json.loads(RESULTS.read_text())["git"]
+    assert git.get("bench_py_sha256") == sha256(BENCH), (
+        "scripts/bench-results.json was written by another version of scripts/bench.py "
+        f"(recorded sha256 {git.get('bench_py_sha256')}, commit {git.get('commit')}); run "
+        "`python scripts/bench.py --update-readme` again and commit the results"
+    )
 
 
 def test_readme_performance_table_matches_results_file():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import re
 
 import pytest
 
@@ -13,6 +15,17 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+# measured peak / estimated total that the estimate must hit on a GPU. Not yet measured
+# (no GPU in this project's CI or in the session that wrote it): the band is what the
+# estimate's parts promise, model states within 0.2% of real engines and activations
+# within 2% of what autograd saves (CPU tests), leaving room for what the estimate does not
+# model: backward's short-lived tensors (each layer's input gradients, the fp32 logits of
+# the loss) and the caching allocator's 512-byte rounding, a few tens of percent at this
+# size. An estimate off by 2x (a missing gradient copy, a bucket counted twice) falls
+# outside it. Record the ratio of the first GPU run here and narrow the band.
+PEAK_OVER_ESTIMATE = (0.6, 1.6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -36,6 +49,10 @@ def test_bf16_training_on_one_gpu_reports_peak_memory(tmp_path, capsys, stage):
         )
     )
     run_dir = tmp_path / "run"
+    # The peak is per process: start from this run (the stage-2 case ran in this process).
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     assert (
         main(
             [
@@ -57,5 +74,20 @@ def test_bf16_training_on_one_gpu_reports_peak_memory(tmp_path, capsys, stage):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert train_rows[-1]["cuda_max_allocated_bytes"] > 0
-    assert "peak GPU memory: measured" in capsys.readouterr().out
+    # max_memory_allocated() over the whole run (the final eval and export included)
+    peak = json.loads((run_dir / "summary.json").read_text())["peak_memory_bytes"]
+    assert peak >= train_rows[-1]["cuda_max_allocated_bytes"]
+    # "peak GPU memory: measured X GiB, estimated Y GiB for ZeRO-s (measured / estimated = R)"
+    # The estimate is the banner's: this run's model, batch, longest sequence and stage.
+    line = re.search(
+        r"peak GPU memory: .* for ZeRO-(\d) \(measured / estimated = ([\d.]+)\)",
+        capsys.readouterr().out,
+    )
+    assert line, "the end summary has no peak-memory comparison"
+    assert int(line.group(1)) == stage
+    low, high = PEAK_OVER_ESTIMATE
+    assert low <= float(line.group(2)) <= high, (
+        f"ZeRO-{stage}: torch.cuda.max_memory_allocated() = {peak:,} bytes is "
+        f"{line.group(2)} x the estimate's total, outside [{low}, {high}]"
+    )
     assert (run_dir / "export" / "model.safetensors").exists()
