@@ -17,56 +17,23 @@ from pathlib import Path
 
 import pytest
 from subprocs import run_in_session
-
-from dstrain.ds_config import build_ds_config, render_ds_config
-from dstrain.settings import make_deepspeed_settings
+from test_train import (
+    HA_FASTA,
+    REPO,
+    TRAIN_PY,
+    assert_same_params,
+    load_params,
+    rows,
+    train,
+    train_rows,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-TRAIN_PY = REPO / "dstrain" / "train.py"
 DATA = REPO / "dstrain" / "data"
-HA_FASTA = DATA / "ha_CY163680_sequences.fasta"
 OTHER_HA_FASTA = DATA / "ha_EPI1857216_sequences.fasta"
 QUIET = ("--eval-every", 0, "--no-export", "--dump-params")
-
-
-# The helpers of tests/test_train.py, kept here so the two files can change apart.
-
-
-def write_config(path: Path, **settings) -> Path:
-    base = {"scheduler": {"type": "none"}, "steps_per_print": 1_000_000, "optimizer": {"lr": 2e-3}}
-    base.update(settings)
-    path.write_text(render_ds_config(build_ds_config(make_deepspeed_settings(base))))
-    return path
-
-
-def train(*args) -> int:
-    from dstrain.train import main
-
-    return main(["--no-progress", "--no-report", *map(str, args)])
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in rows(run_dir) if "loss" in r]
-
-
-def load_params(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, weights_only=True)
-
-
-def assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
 def straight_and_resumed(tmp_path: Path, config: Path, *extra, steps: int) -> tuple[dict, dict]:
