@@ -250,15 +250,20 @@ def architecture_from_hf_config(
                 f"model directory holding one, or a registered name ({', '.join(ARCHITECTURES)})."
             )
         where = str(path)
+        from dstrain.inputs import InputError, decode_utf8, parse_json, read_regular_bytes
+
+        # Bounded like every input (dstrain.inputs): a regular file of at most 16 MiB,
+        # strict UTF-8; nesting, NaN/Infinity and huge integers refused.
+        text = decode_utf8(read_regular_bytes(path, "model config"), f"model config {path}")
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DstrainError(f"cannot read model config {path}: {exc}") from exc
-        except json.JSONDecodeError as exc:
+            cfg = parse_json(text, f"model config {path}")
+        except InputError as exc:
+            if exc.syntax is None:
+                raise
             raise DstrainError(
-                f"model config {path}:{exc.lineno}:{exc.colno} is not valid JSON ({exc.msg}). "
-                "Python literals such as True/None must be written true/null."
-            ) from exc
+                f"model config {path}:{exc.syntax.lineno}:{exc.syntax.colno} is not valid JSON "
+                f"({exc.syntax.msg}). Python literals such as True/None must be written true/null."
+            ) from None
         if not isinstance(cfg, dict):
             raise DstrainError(
                 f"model config {path} must hold a JSON object, not {type(cfg).__name__}."

@@ -308,7 +308,17 @@ def train_command(ctx: click.Context) -> None:
     "--pt", "export_pt", is_flag=True, help="Also write pytorch_model.pt (a plain fp32 state_dict)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def export_command(checkpoint: str, output: str, export_pt: bool, overwrite: bool) -> None:
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Export a checkpoint that has no dstrain_manifest.json (one from an older dstrain) "
+    "and unpickle it in full. Unpickling can run code hidden in a file: only for "
+    "checkpoints from a source you trust. Without it every file is checked against the "
+    "manifest's sha256 and loaded tensors-only first.",
+)
+def export_command(
+    checkpoint: str, output: str, export_pt: bool, overwrite: bool, trust_checkpoint: bool
+) -> None:
     """Consolidate a dstrain checkpoint (any ZeRO stage) into an HF model directory.
 
     CHECKPOINT is a run's output directory, its checkpoints/ directory, or one step
@@ -316,7 +326,13 @@ def export_command(checkpoint: str, output: str, export_pt: bool, overwrite: boo
     """
     from dstrain.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, output, export_pt=export_pt, overwrite=overwrite)
+    result = export_checkpoint(
+        checkpoint,
+        output,
+        export_pt=export_pt,
+        overwrite=overwrite,
+        trust_checkpoint=trust_checkpoint,
+    )
     step = f" at step {result.step}" if result.step is not None else ""
     click.echo(
         f"wrote {result.out_dir}: {result.architecture}, {result.num_params:,} "
@@ -534,6 +550,8 @@ def launch_command(
     argv = build_launcher_argv(**kwargs)
     for note in check.notes:
         click.echo(f"note: {note}", err=True)
+    for warning in check.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if dry_run:
         click.echo(shlex.join(argv))
         return

@@ -22,6 +22,8 @@ row a `name`; keep the old spelling as an alias if scripts use it.
 
 from __future__ import annotations
 
+import functools
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -340,6 +342,7 @@ TRAIN_ROWS = (
     Row("report"),
     Row("progress"),
     Row("timeout_s"),
+    Row("hang_timeout"),
     Row("dump_params"),
 )
 """train's own flags (TrainSettings); its DeepSpeed flags are DEEPSPEED_ROWS."""
@@ -473,9 +476,21 @@ def click_params(specs: Sequence[FlagSpec]) -> list:
     params = []
     for spec in specs:
         if spec.kind == "switch":
+            # One is_flag option per value, each under its own name, so that two of them
+            # given together (`--fp16 --bf16`) are seen and refused instead of the last
+            # silently winning; the callback stores the value under the spec's dest.
             for index, (name, value) in enumerate(zip(spec.names, spec.choices, strict=True)):
                 text = spec.help if index == 0 else f"{spec.path} {value} (see {spec.names[0]})."
-                params.append(click.Option([name, spec.dest], flag_value=value, help=text))
+                params.append(
+                    click.Option(
+                        [name, f"{spec.dest}__{index}"],
+                        is_flag=True,
+                        default=False,
+                        expose_value=False,
+                        callback=_switch_callback(spec.dest, name, value),
+                        help=text,
+                    )
+                )
         elif spec.kind == "bool":
             decls = ["/".join(spec.names[:1] + spec.off_names[:1]), spec.dest]
             params.append(click.Option(decls, default=None, help=spec.help))
@@ -489,7 +504,7 @@ def click_params(specs: Sequence[FlagSpec]) -> list:
             params.append(
                 click.Option(
                     [*spec.names, spec.dest],
-                    type=spec.type,
+                    type=finite_float_type() if spec.type is float else spec.type,
                     metavar=spec.metavar,
                     help=spec.help,
                 )
@@ -499,12 +514,78 @@ def click_params(specs: Sequence[FlagSpec]) -> list:
     return params
 
 
-def _value_by_flag(values: Mapping[str, Any]):
-    """An argparse action class: the option string given decides the stored value."""
+def _switch_callback(dest: str, name: str, value: str):
+    """A click callback for one switch flag: stores `value` under `dest`, refuses a second,
+    different switch of the same setting (`--fp16 --bf16`) as a usage error."""
+    import click
+
+    def callback(ctx: click.Context, _param: click.Parameter, given: bool) -> None:
+        ctx.params.setdefault(dest, None)
+        if not given:
+            return
+        seen = ctx.meta.setdefault(f"dstrain.switch.{dest}", {})
+        seen[name] = value
+        if len(set(seen.values())) > 1:
+            raise click.UsageError(
+                f"{' and '.join(seen)} were both given; they choose the same setting "
+                f"({dest}): give one of them"
+            )
+        ctx.params[dest] = value
+
+    return callback
+
+
+def parse_finite_float(text: str) -> float:
+    """A float flag's value: NaN and ±inf are refused (they pass every range check)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+@functools.cache
+def finite_float_type() -> Any:
+    """click's float type without NaN and ±inf (click is imported on first use)."""
+    import click
+
+    class FiniteFloat(click.ParamType):
+        name = "float"
+
+        def convert(self, value, param, ctx):
+            try:
+                return parse_finite_float(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a finite number (NaN and inf are refused)")
+
+    return FiniteFloat()
+
+
+def _argparse_finite_float(text: str) -> float:
+    import argparse
+
+    try:
+        return parse_finite_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number (NaN and inf are refused)"
+        ) from None
+
+
+def _value_by_flag(values: Mapping[str, Any], *, exclusive: bool = False):
+    """An argparse action class: the option string given decides the stored value.
+    `exclusive`: a second option string storing another value is a usage error."""
     import argparse
 
     class ValueByFlag(argparse.Action):
         def __call__(self, parser, namespace, _values, option_string=None):
+            if exclusive:
+                seen = namespace.__dict__.setdefault(f"_given_{self.dest}", {})
+                seen[option_string] = values[option_string]
+                if len(set(seen.values())) > 1:
+                    parser.error(
+                        f"{' and '.join(seen)} were both given; they choose the same setting "
+                        f"({self.dest}): give one of them"
+                    )
             setattr(namespace, self.dest, values[option_string])
 
     return ValueByFlag
@@ -519,7 +600,7 @@ def add_argparse_arguments(parser, specs: Sequence[FlagSpec]) -> None:
                 by_flag = dict(zip(spec.names, spec.choices, strict=True))
             else:
                 by_flag = {n: True for n in spec.names} | {n: False for n in spec.off_names}
-            action = _value_by_flag(by_flag)
+            action = _value_by_flag(by_flag, exclusive=spec.kind == "switch")
             parser.add_argument(*by_flag, action=action, nargs=0, **common)
         elif spec.kind == "choice":
             parser.add_argument(*spec.names, choices=spec.choices, **common)
@@ -528,4 +609,5 @@ def add_argparse_arguments(parser, specs: Sequence[FlagSpec]) -> None:
         elif spec.const is not None:
             parser.add_argument(*spec.names, nargs="?", const=spec.const, type=spec.type, **common)
         else:
-            parser.add_argument(*spec.names, type=spec.type, metavar=spec.metavar, **common)
+            kind = _argparse_finite_float if spec.type is float else spec.type
+            parser.add_argument(*spec.names, type=kind, metavar=spec.metavar, **common)

@@ -26,7 +26,12 @@ from importlib import metadata
 from pathlib import Path
 
 from dstrain.hostfile import HostEntry
-from dstrain.launch import deepspeed_env_files, is_local_only, lint_deepspeed_env
+from dstrain.launch import (
+    deepspeed_env_files,
+    is_local_only,
+    lint_deepspeed_env,
+    secret_warnings,
+)
 
 PACKAGES = ("torch", "deepspeed", "transformers", "dstrain")
 MIN_PYTHON = (3, 10)
@@ -199,11 +204,13 @@ def check_deepspeed_env(cwd: str | Path | None = None, environ=None) -> list[Che
     rows = []
     for path in deepspeed_env_files(cwd=cwd, environ=environ):
         problems = lint_deepspeed_env(path)
-        rows.append(
-            Check(str(path), "fail", "; ".join(problems))
-            if problems
-            else Check(str(path), "pass", "every line is KEY=VALUE")
-        )
+        secrets = secret_warnings(path)
+        if problems:
+            rows.append(Check(str(path), "fail", "; ".join(problems)))
+        elif secrets:
+            rows.append(Check(str(path), "warn", "; ".join(secrets)))
+        else:
+            rows.append(Check(str(path), "pass", "every line is KEY=VALUE"))
     return rows
 
 

@@ -149,7 +149,13 @@ def _duplicate_problems(node: Any, source: str, path: str = "") -> list[Problem]
 
 
 def parse_ds_json(data: bytes, source: str) -> tuple[dict[str, Any] | None, list[Problem]]:
-    """Decode and parse config bytes. Returns the dict (None if unusable) and problems."""
+    """Decode and parse config bytes. Returns the dict (None if unusable) and problems.
+
+    Bounded by `dstrain.inputs`: strict UTF-8, nesting depth, NaN/Infinity, integers
+    outside int64 and lone surrogates are problems with a line/column, never exceptions.
+    """
+    from dstrain.inputs import InputError, decode_utf8, parse_json
+
     if b"\x00" in data[:8192]:
         return None, [
             Problem(
@@ -160,29 +166,12 @@ def parse_ds_json(data: bytes, source: str) -> tuple[dict[str, Any] | None, list
             )
         ]
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return None, [
-            Problem(
-                source,
-                "",
-                f"not UTF-8 text (byte {exc.start} is invalid)",
-                "save the file as UTF-8 JSON",
-            )
-        ]
-    if not text.strip():
-        return None, [Problem(source, "", "the file is empty", "write a JSON object ({...})")]
-    try:
-        config = json.loads(text, object_pairs_hook=_object_pairs)
-    except json.JSONDecodeError as exc:
-        return None, [
-            Problem(
-                source,
-                "",
-                f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                "fix the syntax there (JSON allows no comments or trailing commas)",
-            )
-        ]
+        text = decode_utf8(data, source)
+        if not text.strip():
+            return None, [Problem(source, "", "the file is empty", "write a JSON object ({...})")]
+        config = parse_json(text, source, object_pairs_hook=_object_pairs)
+    except InputError as exc:
+        return None, [Problem(source, "", str(exc).removeprefix(f"{source}: "))]
     if not isinstance(config, dict):
         return None, [
             Problem(
@@ -196,18 +185,20 @@ def parse_ds_json(data: bytes, source: str) -> tuple[dict[str, Any] | None, list
 
 
 def read_ds_json(path: str, stdin: Any = None) -> tuple[dict[str, Any] | None, list[Problem]]:
-    """Read a config file (or stdin for `-`) and parse it."""
+    """Read a config file (or stdin for `-`) and parse it; a FIFO, device or directory
+    is refused unopened, and a file over 16 MiB unread (`dstrain.inputs`)."""
+    from dstrain.inputs import MAX_CONFIG_BYTES, InputError, read_regular_bytes
+
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
-        return parse_ds_json(stream.read(), "<stdin>")
+        data = stream.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            return None, [Problem("<stdin>", "", f"more than {MAX_CONFIG_BYTES:,} bytes")]
+        return parse_ds_json(data, "<stdin>")
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, [Problem(path, "", "does not exist", "check the path")]
-    except IsADirectoryError:
-        return None, [Problem(path, "", "is a directory", "pass a JSON file inside it")]
-    except OSError as exc:
-        return None, [Problem(path, "", f"cannot read: {exc.strerror}")]
+        data = read_regular_bytes(path, "DeepSpeed config")
+    except InputError as exc:
+        return None, [Problem(path, "", str(exc).replace(f"DeepSpeed config {path} ", "", 1))]
     return parse_ds_json(data, path)
 
 
@@ -388,7 +379,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (NaN and ±Infinity pass every comparison rule otherwise)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _enabled(block: Any) -> bool:
@@ -806,33 +800,182 @@ class _Checker:
         self._optimizer_values()
 
     def _optimizer_values(self) -> None:
+        """Types and ranges of the optimizer's and scheduler's params, as torch's optimizers
+        and DeepSpeed 0.19.8's lr_schedules.py check them at deepspeed.initialize, or where
+        nothing checks them (DeepSpeed's fused and CPU Adam, negative lr) and training
+        goes wrong with exit 0."""
         params = self._get("optimizer.params")
         if isinstance(params, dict):
-            lr = params.get("lr")
-            if lr is not None and _is_number(lr) and lr <= 0:
-                self.add("optimizer.params.lr", f"must be > 0, not {lr!r}")
-            betas = params.get("betas")
-            if betas is not None and not (
-                isinstance(betas, list)
-                and len(betas) == 2
-                and all(_is_number(b) and 0 <= b < 1 for b in betas)
-            ):
-                self.add(
-                    "optimizer.params.betas",
-                    f"must be two numbers in [0, 1), not {betas!r}: torch's Adam refuses "
-                    "them, DeepSpeed's fused and CPU Adam train with them unchecked",
-                    "[0.9, 0.999] is the usual choice",
-                )
+            self._optimizer_params(params)
         sched = self._get("scheduler.params")
-        if isinstance(sched, dict):
-            warmup, total = sched.get("warmup_num_steps"), sched.get("total_num_steps")
-            if _is_number(warmup) and _is_number(total) and warmup > total:
+        kind = self._get("scheduler.type")
+        if isinstance(sched, dict) and isinstance(kind, str):
+            self._scheduler_params(kind, sched)
+
+    def _number_rule(
+        self,
+        params: dict[str, Any],
+        block: str,
+        key: str,
+        low: float,
+        *,
+        low_open: bool = False,
+        high: float | None = None,
+        high_open: bool = True,
+        whole: bool = False,
+        per_group: bool = False,
+        why: str = "",
+    ) -> None:
+        """`params[key]`, when present, must be a finite number (`whole`: an int) in range;
+        `per_group`: a list of such numbers (one per param group) is accepted too."""
+        if key not in params:
+            return
+        value = params[key]
+        path = f"{block}.params.{key}"
+        items = value if per_group and isinstance(value, list) and value else [value]
+        for item in items:
+            ok = _is_int(item) and not isinstance(item, float) if whole else _is_number(item)
+            if ok:
+                ok = item > low if low_open else item >= low
+                if ok and high is not None:
+                    ok = item < high if high_open else item <= high
+            if not ok:
+                kind = "a whole number" if whole else "a finite number"
+                bound = f"{'>' if low_open else '>='} {low:g}"
+                if high is not None:
+                    bound += f" and {'<' if high_open else '<='} {high:g}"
+                self.add(path, f"must be {kind} {bound}, not {_show(value)}{why}")
+                return
+
+    def _optimizer_params(self, params: dict[str, Any]) -> None:
+        lr = params.get("lr")
+        if "lr" in params and not (_is_number(lr) and lr > 0):
+            self.add(
+                "optimizer.params.lr",
+                f"must be a finite number > 0, not {_show(lr)}: torch's optimizers refuse a "
+                "negative or non-number lr at deepspeed.initialize; DeepSpeed's fused and CPU "
+                "Adam train with it unchecked (a negative lr climbs the loss)",
+                "5e-5 is dstrain's default",
+            )
+        betas = params.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            self.add(
+                "optimizer.params.betas",
+                f"must be two numbers in [0, 1), not {_show(betas)}: torch's Adam refuses "
+                "them, DeepSpeed's fused and CPU Adam train with them unchecked",
+                "[0.9, 0.999] is the usual choice",
+            )
+        why = (
+            ": torch's optimizers refuse it at deepspeed.initialize, DeepSpeed's own train with it"
+        )
+        for key in ("eps", "weight_decay", "momentum", "dampening", "alpha", "lr_decay"):
+            self._number_rule(params, "optimizer", key, 0, why=why)
+        for key in ("amsgrad", "nesterov", "bias_correction", "adam_w_mode", "maximize"):
+            if key in params and not isinstance(params[key], bool):
                 self.add(
-                    "scheduler.params.warmup_num_steps",
-                    f"warm-up ({warmup} steps) is longer than the schedule ({total} steps); "
-                    "DeepSpeed only logs a warning and trains with it",
-                    "shorten the warm-up or lengthen total_num_steps",
+                    f"optimizer.params.{key}",
+                    f"must be true or false, not {_show(params[key])}",
                 )
+
+    def _scheduler_params(self, kind: str, sched: dict[str, Any]) -> None:
+        block = "scheduler"
+        fails = ": DeepSpeed's scheduler refuses it at deepspeed.initialize"
+        wrong = ": DeepSpeed's scheduler takes it unchecked and trains with a wrong learning rate"
+        if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+            self._number_rule(
+                sched,
+                block,
+                "warmup_num_steps",
+                0,
+                low_open=True,
+                whole=True,
+                why=fails + " (it wants a positive int; 1 means no warm-up)",
+            )
+            if sched.get("total_num_steps") is not None:  # null: the `required` rule says it
+                self._number_rule(
+                    sched,
+                    block,
+                    "total_num_steps",
+                    0,
+                    low_open=True,
+                    whole=True,
+                    why=": the schedule is measured in whole optimizer steps",
+                )
+            warmup_type = sched.get("warmup_type")
+            if "warmup_type" in sched and warmup_type not in ("log", "linear"):
+                self.add(
+                    "scheduler.params.warmup_type",
+                    f'must be "log" or "linear", not {_show(warmup_type)}: DeepSpeed only logs '
+                    'a warning and uses "log"',
+                    'write "linear" (dstrain\'s default) or "log"',
+                )
+        if kind in ("WarmupLR", "WarmupDecayLR"):
+            for key in ("warmup_min_lr", "warmup_max_lr"):
+                self._number_rule(sched, block, key, 0, per_group=True, why=wrong)
+            low, high = sched.get("warmup_min_lr", 0), sched.get("warmup_max_lr")
+            if _is_number(low) and _is_number(high) and 0 <= high < low:
+                self.add(
+                    "scheduler.params.warmup_max_lr",
+                    f"warmup_max_lr ({high:g}) is below warmup_min_lr ({low:g}): the "
+                    "warm-up would lower the learning rate",
+                    "swap them",
+                    severity="warning",
+                )
+        if kind == "WarmupCosineLR":
+            for key in ("warmup_min_ratio", "cos_min_ratio"):
+                self._number_rule(sched, block, key, 0, high=1, high_open=False, why=wrong)
+        if kind == "OneCycle":
+            for key in ("cycle_min_lr", "cycle_max_lr", "decay_lr_rate", "decay_mom_rate"):
+                self._number_rule(sched, block, key, 0, per_group=key.endswith("_lr"), why=wrong)
+            self._number_rule(sched, block, "cycle_first_step_size", 0, low_open=True, why=fails)
+            if sched.get("cycle_second_step_size") is not None:
+                self._number_rule(sched, block, "cycle_second_step_size", 0, why=fails)
+            for key in ("cycle_first_stair_count", "decay_step_size"):
+                self._number_rule(sched, block, key, 0, whole=True, why=wrong)
+            if sched.get("cycle_second_stair_count") is not None:
+                self._number_rule(
+                    sched, block, "cycle_second_stair_count", 0, whole=True, why=wrong
+                )
+            for key in ("cycle_min_mom", "cycle_max_mom"):
+                self._number_rule(sched, block, key, 0, high=1, per_group=True, why=wrong)
+            if "cycle_momentum" in sched and not isinstance(sched["cycle_momentum"], bool):
+                self.add(
+                    "scheduler.params.cycle_momentum",
+                    f"must be true or false, not {_show(sched['cycle_momentum'])}",
+                )
+        if kind == "LRRangeTest":
+            self._number_rule(sched, block, "lr_range_test_min_lr", 0, per_group=True, why=wrong)
+            self._number_rule(
+                sched, block, "lr_range_test_step_size", 0, low_open=True, whole=True, why=fails
+            )
+            self._number_rule(sched, block, "lr_range_test_step_rate", 0, low_open=True, why=wrong)
+        if "last_batch_iteration" in sched:
+            self._number_rule(sched, block, "last_batch_iteration", -1, whole=True, why=wrong)
+        warmup, total = sched.get("warmup_num_steps"), sched.get("total_num_steps")
+        if _is_int(warmup) and _is_int(total) and 0 < total < warmup:
+            self.add(
+                "scheduler.params.warmup_num_steps",
+                f"warm-up ({warmup} steps) is longer than the schedule ({total} steps); "
+                "DeepSpeed only logs a warning and trains with it",
+                "shorten the warm-up or lengthen total_num_steps",
+            )
+
+    def non_finite_values(self) -> None:
+        """NaN and ±Infinity anywhere (a config built in Python can hold them; a file
+        cannot, `dstrain.inputs` refuses them): they pass every `>= 0` rule."""
+        stack: list[tuple[Any, str]] = [(self.config, "")]
+        while stack:
+            node, path = stack.pop()
+            if isinstance(node, dict):
+                stack.extend((v, _join(path, str(k))) for k, v in node.items())
+            elif isinstance(node, list):
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+            elif isinstance(node, float) and not math.isfinite(node):
+                self.add(path, f"{node} is not a finite number", "write a finite number")
 
     def checkpoint_rules(self) -> None:
         mode = self._get("checkpoint.tag_validation")
@@ -978,6 +1121,7 @@ def check_ds_config(
 ) -> list[Problem]:
     """Every problem dstrain finds in a parsed DeepSpeed config (errors, warnings, notes)."""
     checker = _Checker(config, source)
+    checker.non_finite_values()
     checker.unknown_keys()
     if not allow_auto:
         checker.auto_values()

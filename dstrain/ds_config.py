@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,21 +233,23 @@ def render_ds_config(config: dict[str, Any]) -> str:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old file or the new one, never half."""
+    """Write `text` to `path` so readers see the old file or the new one, never half.
+
+    See `write_bytes_atomic`."""
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` to `path` so readers see the old file or the new one, never half.
+
+    `dstrain.publish.write_file_atomic`: a temporary `.NAME.tmp-HOST.PID.XXXX` beside it,
+    fsynced and renamed over it; new files get 0666 less the umask, a replaced file keeps
+    its mode. A symlink is written through (its target replaced, the link kept); a
+    character device or FIFO already there is written into (`-o /dev/stdout`; a FIFO
+    without a reader is refused, never waited on); a directory, block device or socket is
+    refused. Errors are `dstrain.publish.WriteError` (a DstrainError and an OSError)
+    naming the path and what was kept.
+    """
+    from dstrain.publish import write_file_atomic
+
+    write_file_atomic(path, data)

@@ -5,6 +5,9 @@ zero_to_fp32 for ZeRO 1-3 (it reads the fp32 master partitions of every rank), a
 fp32 masters of `mp_rank_00_model_states.pt` for stage 0 (zero_to_fp32 cannot read those).
 The result is written with `save_pretrained` (safetensors), so
 `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it.
+
+Nothing of the checkpoint is unpickled before `verify_checkpoint` has checked it against its
+manifest (zero_to_fp32 unpickles in full); a checkpoint without one needs `trust_checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from typing import Any
 import torch
 
 from dstrain.architectures import GenSLMArchitecture
-from dstrain.checkpoints import read_model_states, resolve_checkpoint
+from dstrain.checkpoints import (
+    DamagedCheckpoint,
+    read_model_states,
+    resolve_checkpoint,
+    tag_dirs,
+    verify_checkpoint,
+)
 from dstrain.ds_run import resolve_ds_run
 from dstrain.errors import DstrainError
 from dstrain.publish import publish_dir
@@ -119,13 +128,24 @@ def export_checkpoint(
     *,
     export_pt: bool = False,
     overwrite: bool = True,
+    trust_checkpoint: bool = False,
+    verify: bool = True,
 ) -> ExportResult:
-    """Write `out_dir` (HF model + tokenizer [+ pytorch_model.pt]) from a checkpoint."""
+    """Write `out_dir` (HF model + tokenizer [+ pytorch_model.pt]) from a checkpoint.
+
+    `verify=False` only for a checkpoint this process has just written or verified."""
     from dstrain.codons import build_hf_tokenizer
     from dstrain.model import build_model, load_state_dict_strictly
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    states = read_model_states(ckpt_dir, tag)
+    if verify:
+        try:
+            verify_checkpoint(ckpt_dir, tag, trust=trust_checkpoint)
+        except DamagedCheckpoint as exc:
+            others = [str(ckpt_dir / t) for t in tag_dirs(ckpt_dir) if t != tag][:3]
+            hint = f" Other checkpoints of this run: {', '.join(others)}." if others else ""
+            raise DamagedCheckpoint(f"{exc}{hint}") from None
+    states = read_model_states(ckpt_dir, tag, trust=trust_checkpoint)
     meta = states.get("dstrain") or {}
     if "architecture" not in meta:
         raise DstrainError(

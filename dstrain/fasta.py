@@ -373,8 +373,12 @@ def check_file_exists(path: Path) -> None:
             f"{path}: no such file. Check the path (relative paths are read from the "
             f"current directory, {Path.cwd()})."
         )
-    if not path.is_file():
+    if path.is_dir():
         raise DstrainError(f"{path}: is a directory, not a FASTA file. Name the files in it.")
+    if not path.is_file():  # a FIFO would block the open, a device never end: refused unopened
+        from dstrain.inputs import check_regular_file
+
+        check_regular_file(path, "FASTA file")
 
 
 @contextlib.contextmanager

@@ -85,16 +85,16 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>") -> list[HostEntry
 
 def parse_hostfile(path: str | Path) -> list[HostEntry]:
     """Read and parse a DeepSpeed hostfile, naming the file in every error."""
+    from dstrain.inputs import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise DstrainError(
             f"hostfile {path} does not exist; pass the path of a file with one "
             f"`{ACCEPTED_FORM}` line per node (see hostfiles/ for examples)"
-        ) from None
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
-        raise DstrainError(f"cannot read hostfile {path}: {exc}") from None
+        )
+    # A FIFO or device is refused unopened (`dstrain.inputs`), a file over 16 MiB unread.
+    text = read_text_file(path, "hostfile")
     return parse_hostfile_text(text, str(path))
 
 
@@ -241,8 +241,11 @@ def hostfile_from_pbs_text(
 
 def hostfile_from_pbs(path: str | Path, slots: int | None = None) -> list[HostEntry]:
     """Read a PBS node file (`$PBS_NODEFILE`) into entries; see `hostfile_from_pbs_text`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DstrainError(f"cannot read the PBS node file {path}: {exc}") from None
+    from dstrain.inputs import InputError, read_text_file
+
+    try:  # bounded, regular files only (`dstrain.inputs`)
+        text = read_text_file(path, "PBS node file")
+    except InputError as exc:
+        why = str(exc).removeprefix(f"PBS node file {path}").lstrip(": ")
+        raise DstrainError(f"cannot read the PBS node file {path}: {why}") from None
     return hostfile_from_pbs_text(text, str(path), slots)

@@ -15,6 +15,17 @@ Pure layer (L0): no torch, no deepspeed import. The launcher (`deepspeed`, DeepS
 - it reads `~/.deepspeed_env` and `./.deepspeed_env` (name from `$DS_ENV_FILE`) on that
   same path and splits every line on `=`: a blank or comment line crashes it
   (`lint_deepspeed_env`);
+- on that path it also pastes into the remote command: each `.deepspeed_env` value and
+  each variable of this environment whose name starts with MLFLOW, PYTHON, MV2, UCX
+  (its `EXPORT_ENVS`) or NCCL (the CUDA accelerator's `export_envs()`) as
+  `export K=V;`, wrapped in double quotes when it holds a character outside letters,
+  digits and `@%+=:,./_-` (so `$(...)`, backticks, `\\` and `"` still run or break
+  there); the `--master_addr` value; and the launcher arguments `--venv_script` (`source X;`),
+  `--enable_each_rank_log` and `--launcher_args` (split into pdsh's own argv, where a
+  word that is not an option becomes the start of the remote command). All of these are
+  checked here (`remote_value_problem`, `check_master_addr`); it prints the whole pdsh
+  or mpirun command, exports included, in its log (`cmd = ...`), so variables named like
+  secrets get a warning (`secret_warnings`);
 - it does the batch arithmetic for world size 1 only: `preflight_launch` checks the
   DeepSpeed config for the world size the launch will really have.
 
@@ -31,8 +42,10 @@ Typical use (what `dstrain launch` and `dstrain train --hostfile` do)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -84,6 +97,20 @@ _SHELL_SAFE = re.compile(r"[\w@%+=:,./ -]*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LOCAL_HOST_NAMES = ("localhost", "127.0.0.1")
 
+# Variables of the launching environment DeepSpeed 0.19.8 copies onto every node's remote
+# command line: runner.py's EXPORT_ENVS plus the CUDA accelerator's export_envs() (other
+# accelerators add LD_LIBRARY*, PATH*, HCCL*...; dstrain targets CUDA and CPU).
+EXPORTED_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+# Names that look like credentials (case-insensitive substrings).
+SECRET_MARKERS = ("TOKEN", "PASSWORD", "PASSWD", "SECRET", "KEY", "CREDENTIAL")
+# `$NAME` / `${NAME}`: a variable the remote shell expands, nothing it runs.
+_VAR_REFERENCE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
+# What a value may not hold even inside DeepSpeed's double quotes (`$`, backtick, `\`,
+# `"` act there), nor, to keep the rule simple and quoting-proof, other shell syntax.
+_SHELL_META = frozenset("$`\\\"';|&<>()!")
+# A host name (RFC 1123 labels; `_` accepted as clusters use it) or an IP address.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
 
 @dataclass(frozen=True)
 class LaunchCheck:
@@ -97,6 +124,119 @@ class LaunchCheck:
     """DeepSpeed goes through a multi-node backend (pdsh, mpirun, srun) from this process."""
     notes: list[str] = field(default_factory=list)
     """Things worth printing that do not stop the launch."""
+    warnings: list[str] = field(default_factory=list)
+    """Risks that do not stop the launch (variables named like secrets that DeepSpeed
+    prints); print them as `warning: ...`."""
+
+
+# --------------------------------------------------------------------------------------
+# Values that reach a remote shell
+# --------------------------------------------------------------------------------------
+
+
+def remote_value_problem(value: str) -> str | None:
+    """Why `value` is unsafe in DeepSpeed's `export K="V";` on pdsh's remote command line,
+    or None. Refused: any of `$ ` \\ " ' ; | & < > ( ) !` and control characters; `$NAME`
+    and `${NAME}` alone are accepted (the remote shell expands them; nothing runs)."""
+    rest = _VAR_REFERENCE.sub("", value)
+    bad = sorted(
+        {c for c in rest if c in _SHELL_META or (ord(c) < 32 and c != "\t") or c == "\x7f"}
+    )
+    if not bad:
+        return None
+    shown = " ".join(repr(c)[1:-1] if c.isprintable() else repr(c) for c in bad)
+    return f"it holds shell syntax ({shown}) that the remote shell would run or misread"
+
+
+def check_master_addr(value: str) -> str | None:
+    """Why `value` is not a host name or an IP address (what `--master-addr` takes), or
+    None. It reaches every node's shell as `--master_addr=VALUE` on the pdsh path."""
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if value and len(value) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return None
+    return (
+        f"--master-addr `{value}` is not a host name or an IP address (letters, digits, `-`, "
+        "`_` and dots, or an IPv4/IPv6 address): give node 0's address, e.g. "
+        "--master-addr 10.0.0.1"
+    )
+
+
+def looks_secret(name: str) -> bool:
+    """True when an environment variable name looks like a credential (HF_TOKEN,
+    WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, ...)."""
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+_SECRET_ADVICE = (
+    "on a multi-node launch DeepSpeed puts it on the pdsh/mpirun command line (visible to "
+    "every user of this machine in `ps`) and prints that command in its log (`cmd = ...`); "
+    "keep it in a file only you can read that the job loads on each node instead (e.g. "
+    "~/.cache/huggingface/token, ~/.netrc, wandb login)"
+)
+
+
+def exported_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` DeepSpeed copies to every node (`EXPORTED_PREFIXES`)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(EXPORTED_PREFIXES)}
+
+
+def _environment_problems(environ: Mapping[str, str] | None) -> tuple[list[str], list[str]]:
+    problems, warnings = [], []
+    for key, value in sorted(exported_environment(environ).items()):
+        why = remote_value_problem(value.strip())
+        if why:
+            problems.append(
+                f"environment variable {key}={value!r}: {why}; DeepSpeed copies variables "
+                f"starting with {', '.join(EXPORTED_PREFIXES)} into every node's remote "
+                f"shell command: unset it (`unset {key}`) or remove those characters"
+            )
+        if looks_secret(key):
+            warnings.append(f"environment variable {key} looks like a secret: {_SECRET_ADVICE}")
+    return problems, warnings
+
+
+def _launcher_arg_problems(extra: Sequence[str]) -> list[str]:
+    """Launcher arguments pdsh's remote shell (or pdsh's own argv) would reinterpret.
+
+    DeepSpeed pastes `--venv_script` (`source X;`) and `--enable_each_rank_log` into the
+    remote command unquoted, and splits `--launcher_args` into pdsh's argv, where a word
+    that is not an option starts the remote command; its argparse also accepts any
+    unambiguous prefix of a flag. So every word, and every word of a `--launcher_args`
+    value, must be plain: letters, digits and `@%+=:,./_-`."""
+    problems = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--launcher_") and "--launcher_args".startswith(flag):
+            if not eq:  # `--launcher_args VALUE`: the value is the next word
+                i += 1
+                value = extra[i] if i < len(extra) else ""
+                arg = f"{arg} {value}"
+            try:
+                words = shlex.split(value)
+            except ValueError as exc:
+                problems.append(f"launcher argument `{arg}`: cannot split it ({exc})")
+                words = []
+        else:
+            words = [arg]
+        for word in words:
+            if not _SHELL_SAFE.fullmatch(word) or " " in word:
+                problems.append(
+                    f"launcher argument `{arg}`: `{word}` holds a space or shell character, "
+                    "and DeepSpeed pastes launcher arguments (--venv_script, "
+                    "--enable_each_rank_log, --launcher_args) into pdsh's remote command: "
+                    "use a plain path or value (letters, digits and @%+=:,./_-)"
+                )
+        i += 1
+    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -202,17 +342,19 @@ def lint_deepspeed_env(path: str | Path) -> list[str]:
     as `export KEY=VAL;` (pdsh) or `-x KEY=VAL` (mpirun) to every node. So a blank line or
     a line with no `=` crashes the launcher ("not enough values to unpack"), a comment
     line becomes a broken export (`export # note=...` comments out the rest of pdsh's
-    remote command), and the key must be a shell variable name. Returns `path:line: ...`
-    messages; an empty list means the file is fine.
+    remote command), and the key must be a shell variable name. The value lands in
+    `export KEY="VALUE";` on pdsh's remote command line, so shell syntax in it (`$(...)`,
+    backticks, `;`, quotes, ...) is refused (`remote_value_problem`). Returns
+    `path:line: ...` messages; an empty list means the file is fine. Names that look like
+    secrets are not problems: see `secret_warnings`.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = _read_env_lines(path)
     except (OSError, UnicodeDecodeError) as exc:
         return [f"{path}: cannot read it: {exc}"]
     problems: list[str] = []
-    # `readlines()` keeps a last line without "\n"; an empty file has no lines and is fine.
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         where = f"{path}:{number}"
         stripped = line.strip()
         if not stripped:
@@ -250,7 +392,37 @@ def lint_deepspeed_env(path: str | Path) -> list[str]:
                 f'{where}: the value of `{key}` holds `"`: DeepSpeed wraps values in double '
                 "quotes, so the remote shell would see broken quoting; remove the quotes"
             )
+        elif why := remote_value_problem(value.strip()):
+            problems.append(
+                f"{where}: the value of `{key}` ({value.strip()!r}): {why}; DeepSpeed pastes "
+                "it into every node's remote shell command: remove those characters (put "
+                "a complex value in a script that the job sources on each node)"
+            )
     return problems
+
+
+def _read_env_lines(path: Path) -> list[str]:
+    """The lines as DeepSpeed's `readlines()` sees them (universal newlines), ends cut."""
+    if not path.is_file():
+        raise OSError(f"not a regular file: {path}")
+    with open(path, encoding="utf-8") as handle:
+        return [line.removesuffix("\n") for line in handle.readlines()]
+
+
+def secret_warnings(path: str | Path) -> list[str]:
+    """`path:line: ...` warnings for `.deepspeed_env` keys that look like secrets
+    (`looks_secret`): DeepSpeed copies every value onto the launch command line and its log."""
+    path = Path(path)
+    try:
+        lines = _read_env_lines(path)
+    except (OSError, UnicodeDecodeError):
+        return []  # lint_deepspeed_env reports it
+    warnings = []
+    for number, line in enumerate(lines, start=1):
+        key = line.split("=", 1)[0].strip().removeprefix("export ").strip()
+        if "=" in line and looks_secret(key):
+            warnings.append(f"{path}:{number}: `{key}` looks like a secret: {_SECRET_ADVICE}")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------
@@ -328,9 +500,14 @@ def preflight_launch(
 
     Takes the keywords of `build_launcher_argv` (plus `cwd`/`environ`, for tests). Checks
     the hostfile, the world size it gives with `--num-nodes`/`--num-gpus`, `--no-ssh`
-    with `--node-rank`, the launcher backend on PATH, `.deepspeed_env` files, arguments a
-    remote shell would reinterpret, and the DeepSpeed config named by
-    `--deepspeed_config` in `train_args` with the batch arithmetic for that world size.
+    with `--node-rank`, the launcher backend on PATH, `.deepspeed_env` files, and the
+    DeepSpeed config named by `--deepspeed_config` in `train_args` with the batch
+    arithmetic for that world size. `--master-addr` must be a host name or an IP address
+    (always). On the pdsh path, everything DeepSpeed pastes into the remote command is
+    refused when it holds shell syntax: training arguments, paths, `.deepspeed_env`
+    values, exported variables of `environ` (MLFLOW*, PYTHON*, MV2*, UCX*, NCCL*) and
+    launcher arguments. On any multi-node path, variables named like secrets that
+    DeepSpeed would print become `LaunchCheck.warnings`.
     """
     from dstrain.ds_run import load_ds_run
 
@@ -339,6 +516,9 @@ def preflight_launch(
     cwd = Path.cwd() if cwd is None else Path(cwd)
     problems: list[str] = []
     notes: list[str] = []
+    warnings: list[str] = []
+    if master_addr is not None and (why := check_master_addr(master_addr)):
+        problems.append(why)
     if launcher not in LAUNCHER_PROGRAMS:
         problems.append(f"--launcher {launcher}: not one of {', '.join(LAUNCHERS)}")
     problems += _managed_flag_problems(extra_launcher_args)
@@ -390,8 +570,13 @@ def preflight_launch(
             )
         for env_file in deepspeed_env_files(cwd=cwd, environ=environ):
             problems += lint_deepspeed_env(env_file)
+            warnings += secret_warnings(env_file)
+        env_problems, env_warnings = _environment_problems(environ)
+        warnings += env_warnings
         if launcher == "pdsh":
             problems += _remote_shell_problems(train_args, cwd)
+            problems += _launcher_arg_problems(extra_launcher_args)
+            problems += env_problems
         notes.append(
             f"every node runs {sys.executable} from {cwd}: both must exist there with the "
             "same packages (check with `dstrain doctor --hostfile HOSTFILE`)"
@@ -424,7 +609,7 @@ def preflight_launch(
             f"cannot launch ({len(problems)} problem(s)):\n  "
             + "\n  ".join(p.replace("\n", "\n  ") for p in problems)
         )
-    return LaunchCheck(world_size, hosts, multi_node, notes)
+    return LaunchCheck(world_size, hosts, multi_node, notes, warnings)
 
 
 def _remote_shell_problems(train_args: Sequence[str], cwd: Path) -> list[str]:

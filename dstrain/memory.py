@@ -798,6 +798,55 @@ def estimate_for_run(
     return estimate_zero_memory(inputs)
 
 
+# Upper bounds on what `estimate` accepts, refused before anything is allocated (the
+# per-tensor lists grow with the layer count: --layers 50000000 once took 9.4 GB and
+# 58 s). Each is far beyond any real model; GenSLM 25B, the largest, has h 8196, 64
+# layers, 64 heads, i 8000, 2.56e10 parameters, a 69-token vocabulary and 2048 tokens.
+ESTIMATE_LIMITS: dict[str, float] = {
+    "--params": 1e15,  # 40,000 x GenSLM 25B
+    "--layers": 10_000,  # 156 x GenSLM 25B (published dense models stop near 200)
+    "--hidden": 2**20,  # 128 x GenSLM 25B's 8196
+    "--heads": 2**16,
+    "--intermediate": 2**22,  # 524 x GenSLM 25B's 8000
+    "--vocab": 2**24,  # 69 codons; the largest LLM vocabularies are ~2**18
+    "--seq-len": 2**24,  # 8192 x GenSLM's 2048-token context
+    "--micro-batch": 2**20,
+    "--gpus-per-node": 1024,
+    "--nodes": 2**20,
+    "--gpu-mem-gib": 2**20,  # 1 PiB per GPU
+    "--cpu-mem-gib": 2**30,  # 1 EiB per node
+    "--headroom": 1,
+}
+_CONFIG_KEYS = {
+    "num_layers": "--layers",
+    "hidden_size": "--hidden",
+    "num_attention_heads": "--heads",
+    "intermediate_size": "--intermediate",
+    "vocab_size": "--vocab",
+}
+
+
+def _bound_problems(values: dict[str, float | int | None]) -> list[str]:
+    """Flags (or config.json keys) that are not finite or exceed `ESTIMATE_LIMITS`."""
+    problems = []
+    for name, value in values.items():
+        if value is None or isinstance(value, bool):
+            continue
+        limit = ESTIMATE_LIMITS[_CONFIG_KEYS.get(name, name)]
+        if not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {value}")
+        elif value > limit:
+            problems.append(
+                f"{name} {_number(value)} is beyond what dstrain estimates (at most "
+                f"{_number(limit)}, far beyond any real model or machine)"
+            )
+    return problems
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e18 else f"{value:g}"
+
+
 def estimate_from_flags(
     *,
     model_name: str | None = None,
@@ -853,7 +902,28 @@ def estimate_from_flags(
             f"{', '.join(missing)} missing: the activation estimate needs all of "
             f"{', '.join(dims_given)} (leave them all out to estimate model states only)"
         )
-    if params is not None and (params < 1 or not float(params).is_integer()):
+    problems += _bound_problems(
+        {
+            "--params": params,
+            "--gpu-mem-gib": gpu_mem_gib,
+            "--cpu-mem-gib": cpu_mem_gib,
+            "--headroom": headroom,
+            "--layers": layers,
+            "--hidden": hidden,
+            "--heads": heads,
+            "--intermediate": intermediate,
+            "--vocab": vocab,
+            "--seq-len": seq_len,
+            "--micro-batch": micro_batch,
+            "--gpus-per-node": gpus_per_node,
+            "--nodes": nodes,
+        }
+    )
+    if (
+        params is not None
+        and math.isfinite(params)
+        and (params < 1 or not float(params).is_integer())
+    ):
         problems.append(f"--params must be a whole number >= 1, got {params:g}")
     if hostfile is not None and (nodes is not None or gpus_per_node is not None):
         problems.append("give --hostfile or --nodes / --gpus-per-node, not both")
@@ -876,6 +946,20 @@ def estimate_from_flags(
 
     if model_name is not None:
         dims = model_dims_from_architecture(resolve_architecture(model_name))
+        shape_problems = _bound_problems(
+            {
+                "num_layers": dims.num_layers,
+                "hidden_size": dims.hidden_size,
+                "num_attention_heads": dims.num_heads,
+                "intermediate_size": dims.intermediate_size,
+                "vocab_size": dims.vocab_size,
+            }
+        )
+        if shape_problems:
+            raise DstrainError(
+                f"dstrain estimate: --model {model_name}: " + "; ".join(shape_problems) + ".",
+                exit_code=2,
+            )
     else:
         shape = ModelDims(
             name="custom",

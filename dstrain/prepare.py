@@ -12,8 +12,8 @@ file hashes (in the same order) and token-shaping settings; `padding` and `loss_
 act at batch time and do not invalidate it. Otherwise it rebuilds into a temporary sibling
 directory, writes `manifest.json` last, and publishes it with `dstrain.publish.publish_dir`
 (fsync, then rename into place), so an interrupted prepare leaves either the old cache or
-none, never a half one that looks valid (it may leave a `.NAME.partial-*` directory next
-to it, safe to delete). Call it from one
+none, never a half one that looks valid (a killed run may leave a `.NAME.partial-*`
+directory next to it; the next prepare of the same cache removes it). Call it from one
 process (rank 0) and let the others wait, then `load_prepared`.
 """
 

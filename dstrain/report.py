@@ -32,8 +32,11 @@ from typing import Any
 
 from dstrain.ds_config import write_bytes_atomic
 from dstrain.errors import DstrainError
+from dstrain.inputs import read_regular_bytes
 
 METRICS_NAME = "metrics.jsonl"
+MAX_METRICS_BYTES = 2 * 2**30
+"""Largest metrics.jsonl read (a million steps logged at every step are about 300 MB)."""
 SUMMARY_NAME = "summary.json"
 DS_CONFIG_NAME = "ds_config.json"
 REPORT_NAME = "report.png"
@@ -120,13 +123,16 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunMetrics:
             f"`dstrain train` run (the directory that holds {METRICS_NAME})."
         )
     path = run_dir / METRICS_NAME
-    if not path.is_file():
+    if not path.exists():
         raise DstrainError(
             f"{run_dir} has no {METRICS_NAME}: it is not a dstrain run directory, or its run "
             "has not logged a step yet (a row is written every --log-every steps). Pass the "
             "run's --output-dir, or wait for its first step."
         )
-    train, evals, damaged = parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
+    # A regular file only (a FIFO or device is refused unopened), of at most 2 GiB: a
+    # million steps logged at every step are about 300 MB.
+    data = read_regular_bytes(path, "metrics file", MAX_METRICS_BYTES)
+    train, evals, damaged = parse_metrics(data.decode("utf-8", errors="replace"))
     if not train and not evals:
         what = (
             f'no line of it is a metrics row (line {damaged[0]} is not JSON with a whole "step")'
@@ -192,7 +198,7 @@ def parse_metrics(text: str) -> tuple[list[dict], list[dict], list[int]]:
 def _parse_row(line: str) -> dict | None:
     try:
         row = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested ~1000 deep
         return None
     step = row.get("step") if isinstance(row, dict) else None
     if isinstance(step, bool) or not isinstance(step, int):
@@ -220,9 +226,12 @@ def read_precision(path: Path) -> tuple[str | None, str | None]:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """A small JSON file dstrain wrote (settings.json, summary.json); {} when unusable."""
+    if not path.exists():
+        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = read_regular_bytes(path, "run file").decode("utf-8", errors="replace")
+        data = json.loads(text)
+    except (DstrainError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -27,7 +27,10 @@ from dstrain.errors import DstrainError
 class _Node(BaseModel):
     """Base for every settings node: unknown keys are errors, docstrings are descriptions."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # allow_inf_nan=False: NaN and ±Infinity pass every `ge`/`gt` bound otherwise.
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -211,8 +214,9 @@ class SchedulerSettings(_Node):
     at total_num_steps; `WarmupCosineLR` warms up then follows a cosine to
     cos_min_ratio x lr; `none` keeps lr constant."""
 
-    warmup_num_steps: int = Field(default=100, ge=0)
-    """Optimizer steps of warm-up."""
+    warmup_num_steps: int = Field(default=100, ge=1)
+    """Optimizer steps of warm-up (1: none; DeepSpeed's schedulers refuse 0 at
+    deepspeed.initialize)."""
 
     warmup_min_lr: float = Field(default=0.0, ge=0.0)
     """Learning rate at step 0 (WarmupLR, WarmupDecayLR)."""
@@ -491,26 +495,21 @@ def settings_error_message(exc: ValidationError, source: str) -> str:
 
 
 def read_settings_file(path: str | Path) -> dict:
-    """Read a settings file (JSON, or TOML on Python 3.11+) into a plain dict."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DstrainError(f"settings file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DstrainError(f"cannot read settings file {path}: {exc}") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
+    """Read a settings file (JSON, or TOML on Python 3.11+) into a plain dict.
 
-            return tomllib.loads(text)
-        data = json.loads(text)
-    except ValueError as exc:
-        raise DstrainError(
-            f"settings file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}"
-        ) from None
+    Bounded like every input (`dstrain.inputs`): a regular file of at most 16 MiB, strict
+    UTF-8, nesting, NaN/Infinity, huge integers, lone surrogates and TOML dates refused.
+    """
+    from dstrain.inputs import decode_utf8, parse_json, parse_toml, read_regular_bytes
+
+    path = Path(path)
+    source = f"settings file {path}"
+    text = decode_utf8(read_regular_bytes(path, "settings file"), source)
+    if not text.strip():
+        raise DstrainError(f"{source} is empty; write a JSON (or TOML) object of settings")
+    data = parse_toml(text, source) if path.suffix == ".toml" else parse_json(text, source)
     if not isinstance(data, dict):
-        raise DstrainError(f"settings file {path} must hold an object at the top level")
+        raise DstrainError(f"{source} must hold an object at the top level")
     return data
 
 
@@ -591,7 +590,9 @@ class TrainSettings(_Node):
     """Starting weights: an official GenSLM .pt file or an HF model directory."""
 
     trust_checkpoint: bool = False
-    """Allow full unpickling of --init-checkpoint (official GenSLM files need it)."""
+    """Allow full unpickling of --init-checkpoint (official GenSLM files need it), and
+    resume from a checkpoint without dstrain_manifest.json (an older dstrain's). Unpickling
+    can run code hidden in a file: only for files from a source you trust."""
 
     seed: int = 0
     """Seeds weights, data order and every RNG."""
@@ -624,6 +625,11 @@ class TrainSettings(_Node):
 
     timeout_s: float = Field(default=600.0, gt=0)
     """Collective timeout: a dead rank ends the job after this long, not gloo's 30 min."""
+
+    hang_timeout: float = Field(default=120.0, ge=0)
+    """Seconds without a finished step (outside saves, evaluation, the first step and
+    other long phases) or without a heartbeat after which a rank counts as frozen and the
+    job stops, naming it; 0 turns the frozen-rank check off (dead ranks are still caught)."""
 
     dump_params: bool = False
     """Test hook: each rank writes OUTPUT_DIR/params_rank{R}.pt with the final full fp32

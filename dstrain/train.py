@@ -56,6 +56,13 @@ from dstrain.ds_run import (
 )
 from dstrain.errors import DstrainError
 from dstrain.settings import TrainSettings
+from dstrain.watchdog import (
+    Watchdog,
+    parent_spec,
+    set_parent_death_signal,
+    start_watchdog,
+    watch_parent,
+)
 
 # --------------------------------------------------------------------------------------
 # Settings
@@ -534,11 +541,20 @@ def run(
     prepare_deepspeed(timeout_s=settings.timeout_s)
     deepspeed.init_distributed(timeout=timedelta(seconds=settings.timeout_s))
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    watchdog = start_watchdog(settings.hang_timeout)
     stop = StopRequest()
     restore_signals = stop.install()
     try:
-        trainer = Trainer(settings, checked, config_source, arch, stop)
-        return trainer.fit()
+        trainer = Trainer(settings, checked, config_source, arch, stop, watchdog)
+        code = trainer.fit()
+        watchdog.close()  # a rank that ends well is not a dead rank to the others
+        return code
+    except Exception as exc:
+        if isinstance(exc, DstrainError):
+            watchdog.note_failure()  # the others will say so, not that this rank died
+        else:  # e.g. gloo: a peer closed the connection
+            watchdog.explain_failure()  # names the rank that is gone and exits, if one is
+        raise
     finally:
         restore_signals()
 
@@ -684,7 +700,12 @@ def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
     groups = param_groups(model, run.optimizer.weight_decay)
     try:
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=dict(checked.config)
+            # Plain dicts (ds_check's duplicate-key-tracking dict subclass is not one):
+            # DeepSpeed pickles this config into every checkpoint, which must load with
+            # torch.load(weights_only=True) (dstrain.checkpoints.checkpoint_globals).
+            model=model,
+            model_parameters=groups,
+            config=json.loads(json.dumps(checked.config)),
         )
     except ValueError as exc:
         if "not supported on your device" not in str(exc):
@@ -708,6 +729,7 @@ class Trainer:
         config_source: str,
         arch,
         stop: StopRequest,
+        watchdog: Watchdog | None = None,
     ):
         import deepspeed.comm as dist
 
@@ -716,6 +738,7 @@ class Trainer:
         self.settings, self.checked, self.config_source = settings, checked, config_source
         self.run = checked.run  # the only reading of the DeepSpeed JSON (dstrain.ds_run)
         self.arch, self.stop, self.dist = arch, stop, dist
+        self.watchdog = watchdog or Watchdog(0, 1, 0.0)  # an inert one
         self.precision = self.run.precision
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.log = RankZeroLog(self.rank)
@@ -783,6 +806,7 @@ class Trainer:
                 self.bar.close()
                 self.log.bar = None
         if stopped_by:
+            self.watchdog.enter("stopping")
             step = self.engine.global_steps
             self.log(f"{stopped_by}: stopping after step {step}")
             if step > self.start_step:
@@ -808,16 +832,29 @@ class Trainer:
     def _resume(self) -> tuple[LoopState, int]:
         """Rank 0 picks the checkpoint (or none) and checks it; all ranks agree, then load
         it. Returns the loop state and the step the run starts from."""
-        from dstrain.checkpoints import load_run_checkpoint, restore_rng_state
+        from dstrain.checkpoints import (
+            load_run_checkpoint,
+            remove_stale_staging,
+            repair_index,
+            restore_rng_state,
+        )
 
         where, failure = None, None
         if self.rank == 0:
             try:
-                where = self._resume_point()
+                where, notes, damaged = self._resume_point()
                 if where is not None:
                     self._check_resume_compatible(*where)
+                # Only a run that goes ahead tidies its checkpoints (before its first save):
+                # leftovers of a killed save, and a damaged checkpoints.json rebuilt.
+                notes += remove_stale_staging(self.ckpt_dir)
+                notes.append(repair_index(self.ckpt_dir, drop=damaged))
+                for note in filter(None, notes):
+                    self.log(f"note: {note}")
             except DstrainError as exc:
                 failure = str(exc)
+            except OSError as exc:  # every rank must hear of it, or the others would wait
+                failure = f"cannot use {exc.filename}: {exc.strerror or exc}"
         all_ranks_agree(self.dist, failure)
         decision = [where]
         self.dist.broadcast_object_list(decision, src=0)
@@ -840,25 +877,52 @@ class Trainer:
         return loop, start_step
 
     def _resume_point(self):
-        from dstrain.checkpoints import read_latest_tag, resolve_checkpoint
+        """Rank 0: ((ckpt_dir, tag) or None, notes for the log, damaged tags passed over).
+        Every tag is verified (`dstrain.checkpoints.verify_checkpoint`) before it is read;
+        only `--resume auto` falls back past a damaged one."""
+        from dstrain.checkpoints import (
+            DamagedCheckpoint,
+            find_resume_checkpoint,
+            read_latest,
+            resolve_checkpoint,
+            tag_dirs,
+            verify_checkpoint,
+        )
 
-        latest = read_latest_tag(self.ckpt_dir)
+        trust = self.settings.trust_checkpoint
         if self.settings.resume == "auto":
-            return resolve_checkpoint(self.ckpt_dir) if latest else None
+            found = find_resume_checkpoint(self.ckpt_dir, trust=trust)
+            if found is None:
+                return None, [], ()
+            ckpt_dir, tag, notes, damaged = found
+            return (ckpt_dir, tag), notes, damaged
         if self.settings.resume:
-            return resolve_checkpoint(self.settings.resume)
-        if latest:
+            ckpt_dir, tag = resolve_checkpoint(self.settings.resume)
+            try:
+                verify_checkpoint(ckpt_dir, tag, trust=trust)
+            except DamagedCheckpoint as exc:
+                raise DstrainError(
+                    f"{exc} --resume {self.settings.resume} names this checkpoint, so there is "
+                    "no fallback: name another step directory, or use --resume auto (the "
+                    "newest intact checkpoint of --output-dir)."
+                ) from None
+            return (ckpt_dir, tag), [], ()
+        # Without --resume: any trace of a run (even a damaged `latest`) is kept as it is.
+        latest, problem = read_latest(self.ckpt_dir)
+        if latest or problem or tag_dirs(self.ckpt_dir):
             raise DstrainError(
-                f"{self.ckpt_dir} already holds a run (latest checkpoint {latest}). Continue "
+                f"{self.ckpt_dir} already holds a run (latest checkpoint "
+                f"{latest if latest and not problem else 'damaged: ' + str(problem)}). Continue "
                 "it with --resume auto, or start afresh in a new --output-dir."
             )
-        return None
+        return None, [], ()
 
     def _check_resume_compatible(self, ckpt_dir: Path, tag: str) -> None:
         """The checkpoint must come from the same model, data, seed and batch layout."""
         from dstrain.checkpoints import read_model_states
 
-        saved = read_model_states(ckpt_dir, tag).get("dstrain") or {}
+        trust = self.settings.trust_checkpoint
+        saved = read_model_states(ckpt_dir, tag, trust=trust).get("dstrain") or {}
         now = self.run_identity()
         if isinstance(saved.get("architecture"), dict):
             # Architecture fields added since the checkpoint was written (e.g. dropout)
@@ -952,6 +1016,7 @@ class Trainer:
         )
         for line in format_run_banner(self.estimate).splitlines():
             log(f"  {line}")
+        log(f"  watchdog: {self.watchdog.describe()}")
         log(f"  outputs: {self.output_dir}")
 
     def _open_metrics(self):
@@ -1072,6 +1137,7 @@ class Trainer:
         if self.stop_requested():
             return self.stop.signal_name or "a signal on another rank"
         engine.train()
+        self.watchdog.enter("first step")  # JIT builds and warm-up: a long phase
         try:
             while engine.global_steps < total_steps:
                 batches = epoch_batches(
@@ -1100,6 +1166,7 @@ class Trainer:
                     loop.useful_tokens_seen += counts.num_real_tokens
                     if not boundary:
                         continue
+                    self.watchdog.step_done(engine.global_steps)
                     self.log_step(loop.epoch + (index + 1) / len(batches))
                     if engine.global_steps >= total_steps:
                         return None  # done: finish() evaluates, saves and exports
@@ -1129,12 +1196,16 @@ class Trainer:
         step, settings = self.engine.global_steps, self.settings
         evaluated = settings.eval_every and step % settings.eval_every == 0
         if evaluated:
-            self.run_eval()
-        if (settings.save_every and step % settings.save_every == 0) or (
+            with self.watchdog.phase("eval"):
+                self.run_eval()
+        saved = (settings.save_every and step % settings.save_every == 0) or (
             evaluated and settings.save_every == 0
-        ):
-            self.save()
-        self.restart_window()  # evaluation and saving are not training throughput
+        )
+        if saved:
+            with self.watchdog.phase("save"):
+                self.save()
+        if evaluated or saved:
+            self.restart_window()  # evaluation and saving are not training throughput
 
     def run_eval(self) -> float | None:
         if len(self.val_set) == 0:
@@ -1204,6 +1275,7 @@ class Trainer:
         from dstrain.memory import format_peak_comparison
 
         engine, log, loop = self.engine, self.log, self.loop
+        self.watchdog.enter("finish")  # evaluation, save, export, report: long
         if self.last_eval_step != engine.global_steps:
             self.run_eval()
         self.save()
@@ -1281,7 +1353,14 @@ class Trainer:
             return None
         export_dir = self.output_dir / "export"
         try:
-            export_checkpoint(self.ckpt_dir, export_dir, export_pt=self.settings.export_pt)
+            # The checkpoint this run just saved and hashed (or verified at resume).
+            export_checkpoint(
+                self.ckpt_dir,
+                export_dir,
+                export_pt=self.settings.export_pt,
+                trust_checkpoint=self.settings.trust_checkpoint,
+                verify=False,
+            )
         except Exception as exc:  # training succeeded; say why the export did not
             self.log(
                 f"error: training finished and its checkpoints are saved, but the export "
@@ -1369,18 +1448,40 @@ def hand_off(args: argparse.Namespace, argv: list[str]) -> int:
     check = preflight_launch(train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile)
     for note in check.notes:
         print(f"note: {note}", flush=True)
+    for warning in check.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     command = build_launcher_argv(
         train_args=train_args, num_gpus=args.num_gpus, hostfile=args.hostfile
     )
     print("launching: " + shlex.join(command), flush=True)
-    launcher = subprocess.Popen(command, start_new_session=True)
+    # Our death must take the job down: the kernel sends the launcher SIGTERM
+    # (PR_SET_PDEATHSIG) and each rank's watchdog watches DSTRAIN_PARENT.
+    launcher = subprocess.Popen(
+        command,
+        start_new_session=True,
+        env={**os.environ, "DSTRAIN_PARENT": parent_spec()},
+        preexec_fn=set_parent_death_signal,
+    )
 
     def forward(signum, _frame):  # the launcher and its ranks are in their own group
-        os.killpg(launcher.pid, signum)
+        # SIGHUP (a closed terminal, a lost ssh) stops the job like SIGTERM: save, exit.
+        os.killpg(launcher.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     try:
-        return launcher.wait()
+        code = launcher.wait()
+        # On SIGTERM DeepSpeed's runner dies at once while the ranks still save: stay
+        # until the group is gone (the ranks take the group down when we go), bounded
+        # by the launcher's own 30 s grace before it SIGKILLs them.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(launcher.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.2)
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1411,6 +1512,8 @@ def main(argv: list[str] | None = None) -> int:
         under_launcher = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
         if (args.num_gpus or args.hostfile) and not under_launcher:
             return hand_off(args, argv)
+        if under_launcher:
+            watch_parent()  # the `dstrain train` that launched us, if one did
         settings = settings_from_args(args)
         return run(settings, deepspeed_flags(args), demo=is_demo(args))
     except DstrainError as exc:

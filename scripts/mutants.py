@@ -74,13 +74,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="no-loss-scale-restore",
         path="dstrain/checkpoints.py",
-        anchor="    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)\n",
+        anchor="        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)\n",
         # DeepSpeed restores the fp16 scale with the optimizer state; this is dstrain
         # resetting it afterwards (as a "fresh scale on resume" would).
-        replacement="    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)\n"
-        "    scaler = getattr(engine.optimizer, 'loss_scaler', None)\n"
-        "    if scaler is not None and hasattr(scaler, 'cur_scale'):\n"
-        "        scaler.cur_scale = engine.initial_dynamic_scale()\n",
+        replacement="        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)\n"
+        "        scaler = getattr(engine.optimizer, 'loss_scaler', None)\n"
+        "        if scaler is not None and hasattr(scaler, 'cur_scale'):\n"
+        "            scaler.cur_scale = engine.initial_dynamic_scale()\n",
         tests=(f"{BLINDSPOTS}::test_fp16_loss_scale_survives_resume",),
         fault="resume starts fp16 from the initial loss scale instead of the saved one",
     ),

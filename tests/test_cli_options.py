@@ -108,6 +108,7 @@ TRAIN_FLAGS = [
     "--export-pt",
     "--no-progress",
     "--timeout-s",
+    "--hang-timeout",
     "--dump-params",
     "--settings",
     "--num-gpus",

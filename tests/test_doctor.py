@@ -184,6 +184,12 @@ def test_deepspeed_env_rows(tmp_path):
     (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\n")
     assert check_deepspeed_env(cwd=tmp_path, environ=environ)[0].status == "pass"
     assert check_deepspeed_env(cwd=tmp_path / "nohome", environ=environ) == []
+    # DeepSpeed prints every value on the pdsh command line: a token there is a warning,
+    # and the warning names the key, never the value.
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\nHF_TOKEN=hf_s3cr3t\n")
+    [row] = check_deepspeed_env(cwd=tmp_path, environ=environ)
+    assert row.status == "warn" and ":2:" in row.detail and "HF_TOKEN" in row.detail
+    assert "hf_s3cr3t" not in row.detail
 
 
 def test_table_and_json():

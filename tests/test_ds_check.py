@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -571,3 +572,78 @@ def test_value_types_were_measured_for_every_strict_block():
     }
     # the leaf-module validator wraps a string in a list: left to DeepSpeed's parser
     assert "unchecked" in schema["value_types"]["zero_optimization.leaf_module"]["classes"]
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer and scheduler params: what torch or DeepSpeed 0.19.8 refuse at initialize, or
+# take unchecked and train wrongly with (measured: torch.optim.AdamW raises "Invalid
+# learning rate/epsilon/weight_decay value/beta parameter"; lr_schedules.WarmupLR raises
+# "warmup_num_steps must be a positive integer" for 0 and 10.0, and only logs a warning
+# for an unknown warmup_type; a negative warmup_max_lr trains with a negative lr).
+# --------------------------------------------------------------------------------------
+
+_PARAM_BASE = {
+    "train_micro_batch_size_per_gpu": 1,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {"warmup_num_steps": 10, "total_num_steps": 100, "warmup_max_lr": 1e-4},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "block, key, value, words",
+    [
+        ("optimizer", "lr", -1e-4, "must be a finite number > 0"),
+        ("optimizer", "lr", [1e-4], "must be a finite number > 0"),
+        ("optimizer", "lr", float("nan"), "not a finite number"),
+        ("optimizer", "eps", -1e-8, "must be a finite number >= 0"),
+        ("optimizer", "weight_decay", -0.1, "must be a finite number >= 0"),
+        ("optimizer", "weight_decay", "0.1", "must be a finite number >= 0"),
+        ("optimizer", "betas", [0.9], "must be two numbers in [0, 1)"),
+        ("optimizer", "betas", [0.9, 1.0], "must be two numbers in [0, 1)"),
+        ("optimizer", "amsgrad", "yes", "must be true or false"),
+        ("scheduler", "warmup_num_steps", 0, "must be a whole number > 0"),
+        ("scheduler", "warmup_num_steps", 10.0, "must be a whole number > 0"),
+        ("scheduler", "warmup_num_steps", -5, "must be a whole number > 0"),
+        ("scheduler", "warmup_max_lr", -1, "must be a finite number >= 0"),
+        ("scheduler", "warmup_min_lr", "x", "must be a finite number >= 0"),
+        ("scheduler", "warmup_type", "cosine", 'must be "log" or "linear"'),
+        ("scheduler", "total_num_steps", 5, "warm-up (10 steps) is longer than the schedule"),
+        ("scheduler", "total_num_steps", 1.5, "must be a whole number > 0"),
+        ("scheduler", "last_batch_iteration", -2, "must be a whole number >= -1"),
+    ],
+)
+def test_optimizer_and_scheduler_params_are_checked(block, key, value, words):
+    config = copy.deepcopy(_PARAM_BASE)
+    config[block]["params"][key] = value
+    errors = [p for p in check_ds_config(config) if p.severity == "error"]
+    assert any(words in p.message for p in errors), [p.format() for p in errors]
+    assert all(p.path.startswith(f"{block}.params") or "finite" in p.message for p in errors)
+    assert check_ds_config(_PARAM_BASE) == []
+
+
+@pytest.mark.parametrize(
+    "scheduler, params, words",
+    [
+        ("WarmupCosineLR", {"total_num_steps": 10, "cos_min_ratio": 2}, "<= 1"),
+        ("OneCycle", {"cycle_min_lr": 0, "cycle_max_lr": -1}, ">= 0"),
+        ("OneCycle", {"cycle_min_lr": 0, "cycle_max_lr": 1, "cycle_first_step_size": 0}, "> 0"),
+        ("OneCycle", {"cycle_min_lr": 0, "cycle_max_lr": 1, "cycle_max_mom": 1.5}, "< 1"),
+        ("LRRangeTest", {"lr_range_test_step_size": 0}, "whole number > 0"),
+    ],
+)
+def test_other_schedulers_params(scheduler, params, words):
+    config = {**_PARAM_BASE, "scheduler": {"type": scheduler, "params": params}}
+    errors = [p.message for p in check_ds_config(config) if p.severity == "error"]
+    assert any(words in m for m in errors), errors
+
+
+def test_gen_config_refuses_what_deepspeed_refuses_at_initialize():
+    from dstrain.cli_options import deepspeed_specs, ds_config_from_flags
+
+    with pytest.raises(DstrainError, match=r"--warmup-steps\): Input should be greater"):
+        ds_config_from_flags(deepspeed_specs(), {"warmup_steps": 0}, {}, "flags")
+    with pytest.raises(DstrainError, match=r"--lr\): Input should be a finite number"):
+        ds_config_from_flags(deepspeed_specs(), {}, {"optimizer": {"lr": float("inf")}}, "s")

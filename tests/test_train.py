@@ -921,8 +921,11 @@ def test_banner_and_estimate_describe_the_run_deepspeed_builds(tmp_path, capsys,
 
 def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path):
     """Checkpoints record the architecture; one written before a field existed (here the
-    dropout fields, as an older dstrain wrote it) compares that field at its default."""
+    dropout fields, as an older dstrain wrote it: without a manifest, so resumed with
+    --trust-checkpoint) compares that field at its default."""
     import torch
+
+    from dstrain.checkpoints import MANIFEST_NAME
 
     run_dir = tmp_path / "run"
     assert train("--output-dir", run_dir, "--max-steps", 2, "--no-export") == 0
@@ -931,6 +934,8 @@ def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path
     for key in ("hidden_dropout", "attention_dropout"):
         del saved["dstrain"]["architecture"][key]
     torch.save(saved, states)
+    (states.parent / MANIFEST_NAME).unlink()
     args = ("--output-dir", run_dir, "--max-steps", 3, "--resume", "auto", "--no-export")
+    args += ("--trust-checkpoint",)
     assert train(*args) == 0
     assert train_rows(run_dir)[-1]["step"] == 3
