@@ -244,6 +244,10 @@ def architecture_from_hf_config(
         path = Path(path_or_dict)
         if path.is_dir():
             path = path / "config.json"
+        if path.exists() and not path.is_file():
+            from dstrain.inputs import check_regular_file
+
+            check_regular_file(path, "model config")  # a FIFO or device: say which
         if not path.is_file():
             raise DstrainError(
                 f"model config {path} does not exist. Give a GPT-NeoX config.json, a "

@@ -24,6 +24,7 @@ does not match is damage, with or without it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ import torch
 
 from dstrain.ds_config import write_text_atomic
 from dstrain.errors import DstrainError
+from dstrain.inputs import MAX_CONFIG_BYTES, InputError, read_regular_bytes
 
 INDEX_NAME = "checkpoints.json"
 MANIFEST_NAME = "dstrain_manifest.json"
@@ -102,12 +105,12 @@ def read_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
     path = ckpt_dir / "latest"
     if not path.exists() and not path.is_symlink():
         return None, None
-    try:
-        text = path.read_bytes().decode("utf-8")
+    try:  # a regular file only: a FIFO planted as `latest` must not hang the resume
+        text = read_regular_bytes(path, "checkpoint pointer", 4096).decode("utf-8")
     except UnicodeDecodeError:
         return None, f"{path} is not UTF-8 text (damaged)"
-    except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror or exc}"
+    except InputError as exc:
+        return None, f"{exc} (damaged)"
     tag = text.strip()
     if not tag:
         return None, f"{path} is empty (damaged)"
@@ -163,8 +166,11 @@ def check_index(ckpt_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not path.exists():  # without it, the next save would prune every older tag
         return [], [f"{path} is missing"] if tag_dirs(ckpt_dir) else []
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        raw = read_regular_bytes(path, "checkpoint index", MAX_CONFIG_BYTES)
+        data = json.loads(raw.decode("utf-8"))
+    except InputError as exc:
+        return [], [str(exc)]
+    except (ValueError, RecursionError) as exc:
         return [], [f"{path} is not readable JSON ({type(exc).__name__}: {str(exc)[:120]})"]
     if not isinstance(data, list):
         return [], [f"{path} holds a {type(data).__name__}, not a list of tags"]
@@ -191,9 +197,10 @@ def _val_losses_from_metrics(run_dir: Path) -> dict[int, float]:
     losses: dict[int, float] = {}
     path = run_dir / "metrics.jsonl"
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
+        raw = read_regular_bytes(path, "metrics file", 2 * 2**30)
+    except InputError:
         return losses
+    lines = raw.decode("utf-8", errors="replace").splitlines()
     for line in lines:
         try:
             row = json.loads(line)
@@ -224,6 +231,7 @@ def repair_index(ckpt_dir: Path, *, drop: tuple[str, ...] = ()) -> str | None:
             step = int(tag[4:]) if step is None else step
             entries.append({"tag": tag, "step": step, "val_loss": losses.get(step)})
         entries.sort(key=lambda e: e["step"])
+    _remove_if_not_a_file(ckpt_dir / INDEX_NAME)
     write_text_atomic(ckpt_dir / INDEX_NAME, json.dumps(entries, indent=2) + "\n")
     if problems:
         return (
@@ -284,11 +292,16 @@ def tag_files(tag_dir: Path) -> list[str]:
 def hash_file(path: Path, *, sync: bool = False) -> dict[str, Any]:
     """{"size", "sha256"} of one file; with `sync`, flushed to disk on the way (at publish
     time: the bytes a manifest describes are durable before `latest` names them)."""
-    with open(path, "rb") as handle:
+    # O_NONBLOCK, then regular files only: a FIFO planted in a tag must not hang the check.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DamagedCheckpoint(f"{path} is not a regular file; a checkpoint holds only files.")
+        os.set_blocking(fd, True)
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if sync:
-            os.fsync(handle.fileno())
-        return {"size": os.fstat(handle.fileno()).st_size, "sha256": digest}
+            os.fsync(fd)
+        return {"size": os.fstat(fd).st_size, "sha256": digest}
 
 
 def write_manifest(
@@ -323,8 +336,9 @@ def write_manifest(
 def _read_manifest(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        raw = read_regular_bytes(path, "checkpoint manifest", MAX_CONFIG_BYTES)
+        manifest = json.loads(raw.decode("utf-8"))
+    except (InputError, ValueError, RecursionError) as exc:
         raise DamagedCheckpoint(
             f"checkpoint {tag_dir} is damaged: its manifest {path} cannot be read "
             f"({type(exc).__name__}: {str(exc)[:120]})."
@@ -502,14 +516,25 @@ def find_resume_checkpoint(ckpt_dir: Path, *, trust: bool = False):
 # --------------------------------------------------------------------------------------
 
 
-def _save_failure(ckpt_dir: Path, what: str) -> str:
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a save failure may be a full disk (torch reports one as a RuntimeError
+    that never says so: "unexpected pos N vs M")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError)
+
+
+def _save_failure(ckpt_dir: Path, what: str, *, disk_full: bool) -> str:
     kept, _ = read_latest(ckpt_dir)
+    kept = kept or next(iter(tag_dirs(ckpt_dir)), None)
     kept_text = (
         f"The last good checkpoint, {ckpt_dir / kept}, is kept (resume with --resume auto)"
         if kept
         else "No earlier checkpoint exists"
     )
-    try:  # torch's own disk-full error ("unexpected pos N vs M") never says so
+    if not disk_full:
+        return f"{what}. {kept_text}; the partial save was removed."
+    try:
         free = f" ({shutil.disk_usage(ckpt_dir).free / 2**20:,.1f} MiB free there)"
     except OSError:
         free = ""
@@ -560,7 +585,9 @@ def save_run_checkpoint(
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = getattr(exc, "filename", None) or staging
         failure = _save_failure(
-            ckpt_dir, f"rank {rank} could not save checkpoint {where}: {reason.strip()[:300]}"
+            ckpt_dir,
+            f"rank {rank} could not save checkpoint {where}: {reason.strip()[:300]}",
+            disk_full=_disk_full(exc),
         )
     agree(failure)
 
@@ -571,7 +598,9 @@ def save_run_checkpoint(
             digests[name] = hash_file(staging / name, sync=True)
     except OSError as exc:
         failure = _save_failure(
-            ckpt_dir, f"rank {rank} could not read back {exc.filename}: {exc.strerror or exc}"
+            ckpt_dir,
+            f"rank {rank} could not read back {exc.filename}: {exc.strerror or exc}",
+            disk_full=_disk_full(exc),
         )
     shares = [None] * world
     dist.all_gather_object(shares, (digests, failure))
@@ -590,6 +619,7 @@ def save_run_checkpoint(
                 ckpt_dir,
                 f"could not publish checkpoint {ckpt_dir / tag}: "
                 f"{exc.filename or ''} {exc.strerror or exc}".replace("  ", " "),
+                disk_full=_disk_full(exc),
             )
     agree(failure)
     return tag
@@ -608,11 +638,25 @@ def _publish(
     index.append({"tag": tag, "step": step, "val_loss": val_loss})
     keep = kept_tags(index, tag, keep_best)
     index = [e for e in index if e["tag"] in keep]
+    for own in (ckpt_dir / INDEX_NAME, ckpt_dir / "latest"):
+        _remove_if_not_a_file(own)
     write_text_atomic(ckpt_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     write_text_atomic(ckpt_dir / "latest", tag)
     for path in ckpt_dir.glob("step*"):
         if path.is_dir() and path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_if_not_a_file(path: Path) -> None:
+    """dstrain's own pointer files are plain files: a FIFO, device or symlink found in
+    their place is damage to remove, never a target to write into or through (a symlinked
+    `latest` would otherwise have dstrain overwrite whatever it points at)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        path.unlink()
 
 
 def read_model_states(ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict[str, Any]:

@@ -504,7 +504,7 @@ def click_params(specs: Sequence[FlagSpec]) -> list:
             params.append(
                 click.Option(
                     [*spec.names, spec.dest],
-                    type=finite_float_type() if spec.type is float else spec.type,
+                    type=_click_type(spec.type),
                     metavar=spec.metavar,
                     help=spec.help,
                 )
@@ -533,6 +533,56 @@ def _switch_callback(dest: str, name: str, value: str):
         ctx.params[dest] = value
 
     return callback
+
+
+INT_BOUNDS = (-(2**63), 2**63 - 1)
+"""Integer flags stay within int64, as in settings and config files (dstrain.inputs):
+DeepSpeed and torch store counts as int64, so a larger one can only be a typo."""
+
+
+def _click_type(kind: type) -> Any:
+    if kind is float:
+        return finite_float_type()
+    if kind is int:
+        return bounded_int_type()
+    return kind
+
+
+@functools.cache
+def bounded_int_type() -> Any:
+    """click's int type within int64 (no range in the help, unlike click.IntRange)."""
+    import click
+
+    class BoundedInt(click.ParamType):
+        name = "integer"
+
+        def convert(self, value, param, ctx):
+            try:
+                return parse_bounded_int(str(value))
+            except ValueError as exc:
+                self.fail(str(exc))
+
+    return BoundedInt()
+
+
+def parse_bounded_int(text: str) -> int:
+    """An int flag's value, within int64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+    if not INT_BOUNDS[0] <= value <= INT_BOUNDS[1]:
+        raise ValueError(f"{text!r} is outside the 64-bit integer range")
+    return value
+
+
+def _argparse_bounded_int(text: str) -> int:
+    import argparse
+
+    try:
+        return parse_bounded_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_finite_float(text: str) -> float:
@@ -609,5 +659,7 @@ def add_argparse_arguments(parser, specs: Sequence[FlagSpec]) -> None:
         elif spec.const is not None:
             parser.add_argument(*spec.names, nargs="?", const=spec.const, type=spec.type, **common)
         else:
-            kind = _argparse_finite_float if spec.type is float else spec.type
+            kind = {float: _argparse_finite_float, int: _argparse_bounded_int}.get(
+                spec.type, spec.type
+            )
             parser.add_argument(*spec.names, type=kind, metavar=spec.metavar, **common)

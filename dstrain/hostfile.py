@@ -147,6 +147,17 @@ def _checked_entries(hosts: list[tuple[str, int]], source: str) -> list[HostEntr
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
+MAX_HOSTS = 100_000
+"""More nodes than any machine has (the largest hold ~10,000): a node list that expands
+past this is a typo (`gpu[1-99999999]`), refused before anything is built."""
+
+
+def _too_many(where: str, what: str) -> DstrainError:
+    return DstrainError(
+        f"{where}: {what} expands to more than {MAX_HOSTS:,} hosts, more than any cluster "
+        "has; check the node list"
+    )
+
 
 def _expand_brackets(body: str, where: str) -> list[str]:
     """`0[1-3]` inside one range set -> the numbers as strings, zero-padding kept."""
@@ -164,6 +175,8 @@ def _expand_brackets(body: str, where: str) -> list[str]:
             continue
         if int(high) < int(low):
             raise DstrainError(f"{where}: the range `{part}` runs backwards")
+        if int(high) - int(low) + len(numbers) >= MAX_HOSTS:
+            raise _too_many(where, f"`[{body}]`")
         width = len(low)  # SLURM keeps the lower bound's width: 01-10 -> 01 ... 10
         numbers += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
     return numbers
@@ -206,6 +219,8 @@ def expand_slurm_nodelist(nodelist: str, where: str = "SLURM_JOB_NODELIST") -> l
         names = [""]
         for text, body in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
             numbers = _expand_brackets(body, where) if body else [""]
+            if len(names) * len(numbers) + len(hosts) > MAX_HOSTS:
+                raise _too_many(where, f"`{nodelist[:200]}`")
             names = [name + text + number for name in names for number in numbers]
         hosts += names
     return hosts

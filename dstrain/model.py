@@ -192,6 +192,9 @@ def _weights_only_reason(exc: BaseException) -> str:
 
 def _torch_load(path: Path, *, trust_checkpoint: bool) -> object:
     """`torch.load` on the CPU: tensors-only first, full unpickling only when trusted."""
+    from dstrain.inputs import check_regular_file
+
+    check_regular_file(path, "checkpoint")  # a FIFO would block torch.load, /dev/zero never end
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -295,6 +298,9 @@ def read_hf_state_dict(
     from safetensors.torch import load_file
 
     def load(file: Path) -> dict[str, torch.Tensor]:
+        from dstrain.inputs import check_regular_file
+
+        check_regular_file(file, "weights file")
         try:
             return load_file(file, device="cpu")
         except Exception as exc:  # safetensors' own error types vary by version

@@ -962,7 +962,10 @@ class Trainer:
         path = self.output_dir / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
+        from dstrain.inputs import read_regular_bytes
+
+        raw = read_regular_bytes(path, "metrics file", 2 * 2**30)  # never a FIFO: no hang
+        lines = raw.decode("utf-8", errors="replace").splitlines()
         kept = [line for line in lines if _row_step(line) <= step]
         if len(kept) != len(lines):
             write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -241,6 +241,49 @@ def test_a_hostile_or_empty_latest(run_copy, tmp_path, capsys, content):
     assert_resumed_cleanly(run_copy, out, "step00000004")
 
 
+def test_fifos_planted_in_the_run_do_not_hang_the_resume(run_copy, capsys):
+    """FIFOs as checkpoints.json, as `latest` and inside the newest tag: opening any of them
+    for reading would wait for a writer forever (the alarm turns a hang into a failure).
+    All three are damage: the resume falls back, and dstrain's own pointer files are
+    replaced by plain files again."""
+    import os
+    import signal
+
+    def hang(_signum, _frame):
+        raise AssertionError("the resume blocked on a FIFO")
+
+    ckpt = run_copy / "checkpoints"
+    for path in (ckpt / "checkpoints.json", ckpt / "latest", ckpt / "step00000004" / "fifo"):
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(90)
+    try:
+        assert resume(run_copy, "--resume", "auto") == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out = capsys.readouterr().out
+    assert "not a regular file" in out and "falling back to" in out, out
+    assert_resumed_cleanly(run_copy, out, "step00000002")
+    assert (ckpt / "latest").is_file() and (ckpt / "checkpoints.json").is_file()
+
+
+def test_a_symlinked_latest_is_never_written_through(run_copy, tmp_path, capsys):
+    """`latest` linked to a file outside the run: the resume falls back and the next save
+    replaces the link; the file it pointed at is untouched."""
+    ckpt = run_copy / "checkpoints"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("step00000004")
+    (ckpt / "latest").unlink()
+    (ckpt / "latest").symlink_to(victim)
+    assert resume(run_copy, "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert_resumed_cleanly(run_copy, out, "step00000004")
+    assert victim.read_text() == "step00000004"
+    assert not (ckpt / "latest").is_symlink()
+
+
 def test_latest_may_not_link_out_of_the_run(run_copy, tmp_path, capsys):
     ckpt = run_copy / "checkpoints"
     elsewhere = tmp_path / "other-run"

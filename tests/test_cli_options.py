@@ -310,3 +310,22 @@ def test_train_config_without_a_file_is_the_settings_defaults_or_the_demo_preset
     assert demo.optimizer.lr == preset["optimizer"]["lr"]
     with pytest.raises(DstrainError, match="--offload-param"):
         train_ds_config({"offload_param": "cpu"}, demo=False, world_size=1)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("99999999999999999999", "outside the 64-bit integer range"), ("1e3", "is not an integer")],
+)
+def test_integer_flags_stay_within_int64_in_click_and_argparse(value, message):
+    """A count beyond int64 is a typo: gen-config (click) and train (argparse) refuse it
+    instead of writing it into the DeepSpeed JSON."""
+    from click.testing import CliRunner
+
+    from dstrain.cli import cli
+    from dstrain.train import build_arg_parser
+
+    result = CliRunner().invoke(cli, ["gen-config", "--micro-batch", value])
+    assert result.exit_code == 2 and message in result.output
+    with pytest.raises(SystemExit) as stop:
+        build_arg_parser().parse_args(["--micro-batch", value])
+    assert stop.value.code == 2

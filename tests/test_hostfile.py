@@ -232,3 +232,13 @@ def test_deepspeed_accepts_what_we_accept_and_write():
         "gpu02": 4,
         "gpu03": 4,
     }
+
+
+@pytest.mark.parametrize(
+    "nodelist", ["gpu[1-99999999]", "a[1-999],b[1-999]x[1-999]", "n[0-99999],m[0-9]"]
+)
+def test_a_node_list_that_expands_past_any_cluster_is_refused_at_once(nodelist):
+    # Expanding gpu[1-99999999] would build 10^8 names (minutes, gigabytes) before any check.
+    with pytest.raises(DstrainError, match="more than 100,000 hosts"):
+        expand_slurm_nodelist(nodelist)
+    assert len(expand_slurm_nodelist("n[1-50000],m[1-50000]")) == 100_000
