@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     for key in RENDEZVOUS_VARS:
         env.pop(key, None)
     return env
+
+
+def deepspeed_launcher(num_ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N --master_port P` from this venv, on a free port: the start of
+    every multi-rank test command (the script and its arguments follow)."""
+    from dstrain.ds_runtime import free_port
+
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    return [deepspeed, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
 
 
 def run_in_session(

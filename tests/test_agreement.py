@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from subprocs import run_in_session
+from subprocs import deepspeed_launcher, run_in_session
 from test_train import HA_FASTA, REPO, TRAIN_PY, load_params, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -52,8 +51,6 @@ def test_ranks_agree_with_one_rank(tmp_path, case):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dstrain.ds_runtime import free_port
-
     stage, precision, statistic, tolerance = AGREE[case]
     common = ["--fasta", HA_FASTA, "--max-steps", 3, "--eval-every", 0, "--dump-params"]
     configs = {
@@ -65,13 +62,16 @@ def test_ranks_agree_with_one_rank(tmp_path, case):
         )
         for micro in (4, 8)
     }
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
 
     def launch(num_ranks: int, micro: int, run_dir: Path) -> Path:
         # Both runs in child processes: an in-process ZeRO-3 engine would patch torch for
         # the export tests that follow (FACTS.md).
-        command = [deepspeed, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
-        command += [str(TRAIN_PY), "--deepspeed_config", str(configs[micro])]
+        command = [
+            *deepspeed_launcher(num_ranks),
+            str(TRAIN_PY),
+            "--deepspeed_config",
+            str(configs[micro]),
+        ]
         command += ["--output-dir", str(run_dir), "--no-progress", "--no-report"]
         result = run_in_session([*command, *map(str, common)], timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stdout[-4000:]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocs import clean_env, run_in_session
+from subprocs import clean_env, deepspeed_launcher, run_in_session
 
 from dstrain.ds_config import build_ds_config, render_ds_config
 from dstrain.errors import DstrainError
@@ -429,7 +429,6 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_through_the_deepspeed_launcher_agree(tmp_path, stage):
-    from dstrain.ds_runtime import free_port
 
     config = write_config(
         tmp_path / "ds.json",
@@ -438,14 +437,9 @@ def test_two_ranks_through_the_deepspeed_launcher_agree(tmp_path, stage):
         batch={"train_micro_batch_size_per_gpu": 4},
     )
     run_dir = tmp_path / "run"
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     result = run_process(
         [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *deepspeed_launcher(2),
             str(TRAIN_PY),
             "--deepspeed_config",
             str(config),
@@ -680,7 +674,6 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     """2 ranks x micro 4 == 1 rank x micro 8 (fp32 ZeRO-2; HA records have equal lengths,
     so the mean over ranks of per-rank means is the global mean)."""
-    from dstrain.ds_runtime import free_port
 
     common = [
         "--fasta",
@@ -708,14 +701,9 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         zero_optimization={"stage": 2},
         batch={"train_micro_batch_size_per_gpu": 4},
     )
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     result = run_process(
         [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *deepspeed_launcher(2),
             str(TRAIN_PY),
             "--deepspeed_config",
             str(config4),
@@ -824,7 +812,6 @@ def test_resume_mid_epoch_with_windows_spanning_epochs(tmp_path):
 def test_two_rank_sigterm_then_resume_matches_a_straight_run(tmp_path):
     """The scheduler's way: SIGTERM to the whole launcher group. Both ranks finish the
     step and save; `--resume auto` then ends exactly where a straight run does."""
-    from dstrain.ds_runtime import free_port
 
     config = write_config(
         tmp_path / "ds.json",
@@ -832,15 +819,10 @@ def test_two_rank_sigterm_then_resume_matches_a_straight_run(tmp_path):
         zero_optimization={"stage": 2},
         batch={"train_micro_batch_size_per_gpu": 4},
     )
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
 
     def command(run_dir: Path, *extra: str) -> list[str]:
         return [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *deepspeed_launcher(2),
             str(TRAIN_PY),
             "--deepspeed_config",
             str(config),

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from subprocs import run_in_session
+from subprocs import deepspeed_launcher, run_in_session
 from test_train import (
     HA_FASTA,
     REPO,
@@ -79,7 +78,6 @@ def independent_val_loss(params: dict, val_ids: list) -> tuple[float, int]:
 
 @pytest.mark.multiproc
 def test_two_rank_validation_equals_one_process_computation(tmp_path):
-    from dstrain.ds_runtime import free_port
     from dstrain.prepare import load_prepared
 
     config = write_config(
@@ -89,14 +87,9 @@ def test_two_rank_validation_equals_one_process_computation(tmp_path):
         batch={"train_micro_batch_size_per_gpu": 4},
     )
     run_dir = tmp_path / "run"
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     result = run_in_session(
         [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *deepspeed_launcher(2),
             str(TRAIN_PY),
             "--deepspeed_config",
             str(config),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from subprocs import clean_env
+from subprocs import clean_env, deepspeed_launcher
 
 from dstrain.watchdog import STALE_S, Seen, Watchdog, process_start_ticks, same_process_alive
 
@@ -117,17 +117,11 @@ def start_job(tmp_path: Path, command: list[str], **env: str) -> subprocess.Pope
 
 
 def deepspeed_job(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
-    from dstrain.ds_runtime import free_port
 
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     return start_job(
         tmp_path,
         [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *deepspeed_launcher(2),
             str(TRAIN_PY),
             "--output-dir",
             str(tmp_path / "run"),
