@@ -218,8 +218,15 @@ def repair_index(ckpt_dir: Path, *, drop: tuple[str, ...] = ()) -> str | None:
     (damaged ones passed over). Returns a note for the log, None when nothing changed."""
     entries, problems = check_index(ckpt_dir)
     dropped = [e["tag"] for e in entries if e["tag"] in drop]
+    set_aside = [set_aside_damaged(ckpt_dir, tag) for tag in drop]
+    kept_note = (
+        f" Kept for inspection (never resumed or pruned; delete them when done): "
+        f"{', '.join(str(p) for p in set_aside if p)}."
+        if any(set_aside)
+        else ""
+    )
     if not problems and not dropped:
-        return None
+        return kept_note.strip() or None
     entries = [e for e in entries if e["tag"] not in drop]
     if problems:
         known = {e["tag"] for e in entries}
@@ -236,9 +243,25 @@ def repair_index(ckpt_dir: Path, *, drop: tuple[str, ...] = ()) -> str | None:
     if problems:
         return (
             f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Rebuilt it from "
-            f"the tag directories ({len(entries)} tag(s))."
+            f"the tag directories ({len(entries)} tag(s)).{kept_note}"
         )
-    return f"dropped damaged tag(s) {', '.join(dropped)} from {ckpt_dir / INDEX_NAME}."
+    return f"dropped damaged tag(s) {', '.join(dropped)} from {ckpt_dir / INDEX_NAME}.{kept_note}"
+
+
+def set_aside_damaged(ckpt_dir: Path, tag: str) -> Path | None:
+    """Rename a damaged tag to `TAG.damaged` (`.damaged-2`, ...): out of the resume
+    candidates and of every prune, so a tag that only *looks* damaged (a file copied in by
+    hand, a read error on a flaky file system) is never deleted by dstrain. None when the
+    tag directory is not there."""
+    path = ckpt_dir / tag
+    if not path.is_dir() or path.is_symlink():
+        return None
+    target, number = ckpt_dir / f"{tag}.damaged", 1
+    while target.exists():
+        number += 1
+        target = ckpt_dir / f"{tag}.damaged-{number}"
+    path.rename(target)
+    return target
 
 
 def remove_stale_staging(ckpt_dir: Path) -> list[str]:
@@ -281,7 +304,18 @@ def kept_tags(index: list[dict[str, Any]], latest: str, keep_best: int) -> set[s
 def tag_files(tag_dir: Path) -> list[str]:
     """Every file of a tag (relative POSIX paths, sorted), the manifest itself aside."""
     names = []
-    for root, _dirs, files in os.walk(tag_dir):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the directory silently
+        raise exc
+
+    for root, dirs, files in os.walk(tag_dir, onerror=unreadable):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():  # followed three times (hash, pre-scan, load): refused
+                raise DamagedCheckpoint(
+                    f"checkpoint {tag_dir} is refused: {path} is a symbolic link; a "
+                    "checkpoint written by dstrain train holds only files and directories."
+                )
         for name in files:
             rel = (Path(root) / name).relative_to(tag_dir).as_posix()
             if rel != MANIFEST_NAME:
@@ -298,7 +332,10 @@ def hash_file(path: Path, *, sync: bool = False) -> dict[str, Any]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DamagedCheckpoint(f"{path} is not a regular file; a checkpoint holds only files.")
         os.set_blocking(fd, True)
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):  # hashlib.file_digest needs Python 3.11
+            digest.update(chunk)
+        digest = digest.hexdigest()
         if sync:
             os.fsync(fd)
         return {"size": os.fstat(fd).st_size, "sha256": digest}
@@ -441,9 +478,11 @@ def verify_checkpoint(ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict[
     manifest = _read_manifest(tag_dir)
     try:
         _check_files(tag_dir, manifest["files"])
-    except OSError as exc:
-        raise DamagedCheckpoint(
-            f"checkpoint {tag_dir} cannot be checked: {exc.filename}: {exc.strerror or exc}."
+    except OSError as exc:  # the file system, not the checkpoint: stop, do not fall back
+        raise DstrainError(
+            f"cannot check checkpoint {tag_dir}: reading {exc.filename} failed "
+            f"({exc.strerror or exc}). Nothing was loaded or changed; fix the file system "
+            "(permissions, a stale NFS handle) and resume again."
         ) from None
     if not trust:
         for name in tag_files(tag_dir):
@@ -456,7 +495,10 @@ def _check_files(tag_dir: Path, expected: dict[str, dict[str, Any]]) -> None:
     """The files of a tag against its manifest: the same names, sizes and sha256."""
     present = tag_files(tag_dir)
     missing = sorted(set(expected) - set(present))
-    extra = sorted(set(present) - set(expected))
+    # A file the save did not write is damage only if something could unpickle it (a
+    # README or an rsync leftover is not; DeepSpeed loads .pt files alone).
+    extra = sorted(n for n in set(present) - set(expected) if n.endswith(".pt"))
+    present = [n for n in present if n in expected]
     if missing or extra:
         parts = [f"{tag_dir / n} is missing" for n in missing[:3]]
         parts += [f"{tag_dir / n} is not in the manifest" for n in extra[:3]]
@@ -642,8 +684,8 @@ def _publish(
         _remove_if_not_a_file(own)
     write_text_atomic(ckpt_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     write_text_atomic(ckpt_dir / "latest", tag)
-    for path in ckpt_dir.glob("step*"):
-        if path.is_dir() and path.name not in keep:
+    for path in ckpt_dir.glob("step*"):  # published tags only: never .damaged, never links
+        if _STEP_TAG.fullmatch(path.name) and path.name not in keep and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
 
 

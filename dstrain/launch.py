@@ -190,6 +190,13 @@ def exported_environment(environ: Mapping[str, str] | None = None) -> dict[str, 
 def _environment_problems(environ: Mapping[str, str] | None) -> tuple[list[str], list[str]]:
     problems, warnings = [], []
     for key, value in sorted(exported_environment(environ).items()):
+        if not _ENV_KEY.fullmatch(key):  # DeepSpeed writes `export KEY=VALUE;` unquoted
+            problems.append(
+                f"environment variable name {key!r} is not a shell variable name, and "
+                "DeepSpeed pastes it unquoted into every node's remote shell command "
+                f"(`export {key}=...;`): unset it"
+            )
+            continue
         why = remote_value_problem(value.strip())
         if why:
             problems.append(
@@ -527,6 +534,7 @@ def preflight_launch(
             problems.append(
                 f"training argument `{arg}`: DeepSpeed's launcher adds --local_rank itself"
             )
+    problems += _train_arg_problems(train_args)
 
     hosts: list[HostEntry] = []
     world_size = 0
@@ -610,6 +618,30 @@ def preflight_launch(
             + "\n  ".join(p.replace("\n", "\n  ") for p in problems)
         )
     return LaunchCheck(world_size, hosts, multi_node, notes, warnings)
+
+
+class _TrainArgError(Exception):
+    pass
+
+
+def _train_arg_problems(train_args: Sequence[str]) -> list[str]:
+    """Parse the training arguments with `dstrain train`'s own parser, so an unknown flag
+    or a bad value is named here, not printed once per rank after every node started."""
+    from dstrain.train import build_arg_parser
+
+    parser = build_arg_parser()
+
+    def error(message: str) -> None:
+        raise _TrainArgError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    try:
+        parser.parse_args(list(train_args))
+    except _TrainArgError as exc:
+        return [f"training arguments: {exc} (see `dstrain train --help`)"]
+    except SystemExit:  # --help among them: argparse printed it
+        return ["training arguments: --help is not a training run"]
+    return []
 
 
 def _remote_shell_problems(train_args: Sequence[str], cwd: Path) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,28 @@ class _Node(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, data: object) -> object:
+        """pydantic's lax mode reads true/false as 1/0 in a number field (`stage = true`
+        became ZeRO stage 1): refuse them where the field takes no bool."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field and not _takes_bool(field.annotation):
+                    raise ValueError(
+                        f"{name}: must be a number, not {json.dumps(value)} (a bool); "
+                        "write the number"
+                    )
+        return data
+
+
+def _takes_bool(annotation: object) -> bool:
+    """Whether a field's type admits a bool (bool itself, Any, or a union holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(arg) for arg in get_args(annotation) if not isinstance(arg, str))
 
 
 # --------------------------------------------------------------------------------------
@@ -543,6 +565,10 @@ def apply_overrides(data: dict, overrides: dict[str, object]) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+MIN_HANG_TIMEOUT_S = 8.0
+"""The shortest --hang-timeout: twice the watchdog's stale-heartbeat threshold (4 s)."""
+
+
 class TrainSettings(_Node):
     """What `dstrain train` / `dstrain/train.py` does around the DeepSpeed engine."""
 
@@ -627,9 +653,21 @@ class TrainSettings(_Node):
     """Collective timeout: a dead rank ends the job after this long, not gloo's 30 min."""
 
     hang_timeout: float = Field(default=120.0, ge=0)
-    """Seconds without a finished step (outside saves, evaluation, the first step and
-    other long phases) or without a heartbeat after which a rank counts as frozen and the
-    job stops, naming it; 0 turns the frozen-rank check off (dead ranks are still caught)."""
+    """Seconds without progress (a finished micro-batch, outside saves, evaluation, the
+    first step and other long phases) or without a heartbeat after which a rank counts as
+    frozen and the job stops, naming it; 0 turns the frozen-rank check off (dead ranks are
+    still caught). At least 8: heartbeats come every second, and a few missed ones are
+    normal on a busy machine."""
+
+    @model_validator(mode="after")
+    def _check_hang_timeout(self) -> TrainSettings:
+        if 0 < self.hang_timeout < MIN_HANG_TIMEOUT_S:
+            raise ValueError(
+                f"--hang-timeout {self.hang_timeout:g} is too short to tell a busy rank from a "
+                f"frozen one (heartbeats come every second): give 0 (off) or at least "
+                f"{MIN_HANG_TIMEOUT_S:g} seconds"
+            )
+        return self
 
     dump_params: bool = False
     """Test hook: each rank writes OUTPUT_DIR/params_rank{R}.pt with the final full fp32

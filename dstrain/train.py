@@ -54,6 +54,7 @@ from dstrain.ds_run import (
     resolve_ds_run,
     with_monitor_dir,
 )
+from dstrain.ds_runtime import check_rendezvous_env
 from dstrain.errors import DstrainError
 from dstrain.settings import TrainSettings
 from dstrain.watchdog import (
@@ -94,6 +95,17 @@ _RUN_SHAPING = (
 """Without any of these, `dstrain train` is the bundled demo."""
 
 
+def _positive_int(text: str) -> int:
+    """--num-gpus: 0 would train in this process, -1 hand DeepSpeed every GPU; refuse both."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of GPUs from 1")
+    return value
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """train's flags: TrainSettings' and DeepSpeedSettings' fields (`dstrain.cli_options`:
     name, type, default and help from each field), plus the launcher's few."""
@@ -130,7 +142,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", help="A JSON settings file (TrainSettings); flags override it.")
     p.add_argument(
         "--num-gpus",
-        type=int,
+        type=_positive_int,
         help="Hand off to the deepspeed launcher with this many local ranks.",
     )
     p.add_argument("--hostfile", help="Hand off to the deepspeed launcher with this hostfile.")
@@ -567,6 +579,11 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
+MAX_EPOCHS_PER_STEP = 1000
+"""Most passes over the training data one optimizer step may take (accumulation spans
+epochs on tiny data; 2**63 accumulation steps would run for ever without a word)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """How far the run goes: fixed once the data and the batch layout are known."""
@@ -596,6 +613,14 @@ def plan_run(
     ceil(48 / 4) = 12 micro-batches per epoch per rank; 2.5 epochs = 30 micro-batches
     = 7 steps of 4, and the last 2 micro-batches are not used."""
     micro_per_epoch = math.ceil(math.ceil(num_examples / world) / micro)
+    if accum > MAX_EPOCHS_PER_STEP * micro_per_epoch:  # one step would (nearly) never end
+        raise DstrainError(
+            f"gradient_accumulation_steps {accum} would make one optimizer step read the "
+            f"training data about {accum // micro_per_epoch:,} times over ({num_examples} "
+            f"examples / {world} ranks / micro batch {micro} = {micro_per_epoch} "
+            f"micro-batch(es) per epoch); dstrain refuses more than {MAX_EPOCHS_PER_STEP} "
+            "epochs per step. Lower the accumulation (--grad-accum) or give more data"
+        )
     if max_steps is not None:  # the stream runs on across epochs until that step
         return RunPlan(micro_per_epoch=micro_per_epoch, total_steps=max_steps, unused_tail=0)
     planned_micro = int(epochs * micro_per_epoch)
@@ -1159,6 +1184,7 @@ class Trainer:
                     engine.backward(loss)
                     boundary = engine.is_gradient_accumulation_boundary()  # ask before step()
                     engine.step()
+                    self.watchdog.micro_done()
                     num_samples = len(batches[index])
                     self.window.add(
                         loss.item(), counts.num_tokens, counts.num_real_tokens, num_samples
@@ -1510,6 +1536,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        check_rendezvous_env()
+    except DstrainError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     rank = int(os.environ.get("RANK", "0"))
     try:
         under_launcher = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -45,6 +45,7 @@ Costs per step: two attribute writes in the main thread; no collective is added.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -94,6 +95,23 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+@functools.cache
+def machine_key() -> str:
+    """Which pid space this process lives in: host name, boot id and pid-namespace inode.
+    Host names alone collide (one container per GPU with --net=host, cloned nodes), and a
+    pid is only worth looking up in /proc when the keys are equal."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
 def same_process_alive(pid: int, start: int | None) -> bool:
     """Whether `pid` is still the very process that started at `start`."""
     return start is not None and process_start_ticks(pid) == start
@@ -102,7 +120,7 @@ def same_process_alive(pid: int, start: int | None) -> bool:
 def parent_spec(pid: int | None = None) -> str:
     """DSTRAIN_PARENT for the launcher we start: this host, pid and start time."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{process_start_ticks(pid)}"
+    return f"{machine_key()}:{pid}:{process_start_ticks(pid)}"
 
 
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
@@ -134,9 +152,11 @@ class Watchdog:
         self.hang_timeout_s = hang_timeout_s
         self.store = store
         self.host = socket.gethostname()
+        self.where = machine_key()
         self.pid = os.getpid()
         self.start_ticks = process_start_ticks(self.pid)
         self.step = 0
+        self.micro = 0  # micro-batches done: progress inside a long accumulation window
         self.phase_name = "setup"
         self.beat = 0
         self.seen: dict[int, Seen] = {}
@@ -165,6 +185,11 @@ class Watchdog:
         return f"on: a dead rank stops the job within ~{STALE_S + 2 * HEARTBEAT_S:g} s, {frozen}"
 
     # -- the main thread's side: attribute writes (and an Event.set per step) ---------------
+
+    def micro_done(self) -> None:
+        """One forward/backward finished: progress even when an optimizer step (many
+        micro-batches of accumulation) takes longer than --hang-timeout."""
+        self.micro += 1
 
     def step_done(self, step: int) -> None:
         self.step = step
@@ -258,9 +283,11 @@ class Watchdog:
         return {
             "rank": self.rank,
             "host": self.host,
+            "where": self.where,
             "pid": self.pid,
             "start": self.start_ticks,
             "step": self.step,
+            "micro": self.micro,
             "phase": self.phase_name,
             "long": self.phase_name in LONG_PHASES,
             "beat": self.beat,
@@ -319,7 +346,8 @@ class Watchdog:
             return
         if record["beat"] != old.record["beat"] or record["pid"] != old.record["pid"]:
             old.beat_at = now
-        if (record["step"], record["phase"]) != (old.record["step"], old.record["phase"]):
+        progress = ("step", "micro", "phase")
+        if any(record.get(key) != old.record.get(key) for key in progress):
             old.progress_at = now
         old.record = record
 
@@ -383,11 +411,12 @@ class Watchdog:
                 "legitimately take this long."
             )
         return {"kind": kind, "rank": rec["rank"], "host": rec["host"], "pid": rec["pid"],
-                "start": rec["start"], "step": rec["step"], "text": text}  # fmt: skip
+                "where": rec.get("where"), "start": rec["start"], "step": rec["step"],
+                "text": text}  # fmt: skip
 
     def _gone_from_this_host(self, rec: dict) -> bool:
         return (
-            rec["host"] == self.host
+            rec.get("where") == self.where
             and rec["start"] is not None
             and not same_process_alive(rec["pid"], rec["start"])
         )
@@ -437,7 +466,7 @@ class Watchdog:
         if (
             verdict["kind"] != "stuck"
             and culprit != self.rank
-            and verdict["host"] == self.host
+            and verdict.get("where") == self.where
             and same_process_alive(verdict["pid"], verdict["start"])
         ):
             with contextlib.suppress(OSError):
@@ -467,7 +496,7 @@ def watch_parent() -> threading.Thread | None:
         parent = (int(pid), int(start))
     except (KeyError, ValueError):
         return None
-    if host != socket.gethostname():
+    if host != machine_key():  # another host or pid namespace: its pids mean nothing here
         return None
     thread = threading.Thread(target=_watch_parent, args=parent, name="dstrain-parent", daemon=True)
     thread.start()

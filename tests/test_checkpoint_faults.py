@@ -125,6 +125,24 @@ def test_a_crafted_pickle_is_refused_by_export_and_resume(run_copy, tmp_path, ca
     assert not marker.exists()
 
 
+def test_a_passed_over_tag_is_set_aside_never_deleted(run_copy, capsys):
+    """A tag that fails its check may only look damaged (a hand-copied .pt, a flaky file
+    system): the fallback sets it aside as TAG.damaged, and the saves and prunes after the
+    resume never delete it. A stray non-.pt file (a README) is not damage at all."""
+    ckpt = run_copy / "checkpoints"
+    (ckpt / "step00000002" / "README.txt").write_text("copied by hand")
+    (ckpt / "step00000004" / "extra.pt").write_bytes(b"not from the save")
+    assert resume(run_copy, "--resume", "auto", "--keep-best", 0) == 0
+    out = capsys.readouterr().out
+    assert_resumed_cleanly(run_copy, out, "step00000002")
+    assert "Kept for inspection" in out
+    assert (ckpt / "step00000004.damaged" / "extra.pt").is_file()
+    assert sorted(p.name for p in ckpt.glob("step*")) == [
+        "step00000004.damaged",
+        "step00000005",
+    ]
+
+
 def test_trust_checkpoint_loads_a_checkpoint_without_manifest(run_copy, tmp_path, capsys):
     """What --trust-checkpoint is for (a checkpoint from an older dstrain), and what it
     costs: the same crafted file then runs (so the refusals above are what protects)."""
@@ -253,7 +271,7 @@ def test_fifos_planted_in_the_run_do_not_hang_the_resume(run_copy, capsys):
         raise AssertionError("the resume blocked on a FIFO")
 
     ckpt = run_copy / "checkpoints"
-    for path in (ckpt / "checkpoints.json", ckpt / "latest", ckpt / "step00000004" / "fifo"):
+    for path in (ckpt / "checkpoints.json", ckpt / "latest", ckpt / "step00000004" / "fifo.pt"):
         path.unlink(missing_ok=True)
         os.mkfifo(path)
     previous = signal.signal(signal.SIGALRM, hang)

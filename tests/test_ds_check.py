@@ -611,7 +611,7 @@ _PARAM_BASE = {
         ("scheduler", "warmup_min_lr", "x", "must be a finite number >= 0"),
         ("scheduler", "warmup_type", "cosine", 'must be "log" or "linear"'),
         ("scheduler", "total_num_steps", 5, "warm-up (10 steps) is longer than the schedule"),
-        ("scheduler", "total_num_steps", 1.5, "must be a whole number > 0"),
+        ("scheduler", "total_num_steps", -3e5, "must be a finite number > 0"),
         ("scheduler", "last_batch_iteration", -2, "must be a whole number >= -1"),
     ],
 )
@@ -647,3 +647,20 @@ def test_gen_config_refuses_what_deepspeed_refuses_at_initialize():
         ds_config_from_flags(deepspeed_specs(), {"warmup_steps": 0}, {}, "flags")
     with pytest.raises(DstrainError, match=r"--lr\): Input should be a finite number"):
         ds_config_from_flags(deepspeed_specs(), {}, {"optimizer": {"lr": float("inf")}}, "s")
+
+
+def test_a_float_total_num_steps_passes_as_deepspeed_takes_it():
+    """Megatron-style configs write step counts as 3e5: DeepSpeed's WarmupDecayLR only
+    divides by total_num_steps, so it trains; warmup_num_steps must stay an int."""
+    from dstrain.ds_check import check_ds_config
+
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_num_steps": 100, "total_num_steps": 3e5, "warmup_max_lr": 1e-4},
+        },
+    }
+    assert not [p for p in check_ds_config(config) if p.severity == "error"]
+    config["scheduler"]["params"]["warmup_num_steps"] = 100.0
+    assert any("warmup_num_steps" in p.path for p in check_ds_config(config))

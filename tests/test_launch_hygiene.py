@@ -155,6 +155,13 @@ def test_exported_environment_is_checked_on_the_pdsh_path(cluster, name, value, 
         preflight_launch(train_args=TRAIN, hostfile="two", environ=environ)
 
 
+def test_an_exported_variable_name_with_shell_syntax_is_refused(cluster):
+    """DeepSpeed writes `export KEY=VALUE;` with the key unquoted too."""
+    name = "PYTHONX;touch /tmp/pwned;Y"
+    message = refusal(hostfile="two", environ={**CLEAN_ENV, name: "1"})
+    assert repr(name) in message and "not a shell variable name" in message
+
+
 # -- secrets -----------------------------------------------------------------------------
 
 

@@ -30,10 +30,12 @@ TRAIN_PY = REPO / "dstrain" / "train.py"
 
 
 def record(rank: int, step: int, phase: str = "train", host: str = "far-host", pid: int = 1):
-    from dstrain.watchdog import LONG_PHASES
+    """A heartbeat; host "here" means this machine and pid namespace (its machine key)."""
+    from dstrain.watchdog import LONG_PHASES, machine_key
 
-    return {"rank": rank, "host": host, "pid": pid, "start": 1, "step": step,
-            "phase": phase, "long": phase in LONG_PHASES, "beat": 1}  # fmt: skip
+    where = machine_key() if host == "here" else f"{host}/boot/1"
+    return {"rank": rank, "host": host, "where": where, "pid": pid, "start": 1, "step": step,
+            "micro": 0, "phase": phase, "long": phase in LONG_PHASES, "beat": 1}  # fmt: skip
 
 
 def watchdog_seeing(*seen: tuple[dict, float, float], hang: float = 10.0) -> Watchdog:
@@ -64,17 +66,32 @@ def test_a_rank_on_this_host_whose_pid_is_gone_is_dead_at_once():
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    rec = record(1, 4, host=socket.gethostname(), pid=gone.pid)
+    rec = record(1, 4, host="here", pid=gone.pid)
     dog = watchdog_seeing((record(0, 4), 100, 100), (rec, 100, 100))
     assert dog._judge(now=100)["kind"] == "dead"
+    # The same host name in another pid namespace (a container per GPU with --net=host):
+    # its pid means nothing here, so a missing /proc entry proves nothing.
+    twin = {**rec, "host": socket.gethostname(), "where": socket.gethostname() + "/other/2"}
+    assert watchdog_seeing((record(0, 4), 100, 100), (twin, 100, 100))._judge(now=100) is None
+
+
+def test_micro_batches_are_progress_inside_a_long_accumulation_window():
+    """An optimizer step of many micro-batches may take longer than --hang-timeout: each
+    finished micro-batch counts as progress."""
+    dog = watchdog_seeing((record(0, 3), 100, 80), (record(1, 3), 100, 80))
+    dog._observe(1, {**record(1, 3), "micro": 5, "beat": 2}, now=99)
+    dog._observe(0, {**record(0, 3), "micro": 5, "beat": 2}, now=99)
+    assert dog._judge(now=100) is None
+    for rank in (0, 1):  # alive (new beats) but no further micro-batch
+        dog._observe(rank, {**record(rank, 3), "micro": 5, "beat": 3}, now=109)
+    assert dog._judge(now=110)["kind"] == "stuck"  # 11 s after the last micro-batch
 
 
 def test_a_rank_that_finished_is_not_a_dead_one():
-    import socket
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    rec = record(1, 9, phase="done", host=socket.gethostname(), pid=gone.pid)
+    rec = record(1, 9, phase="done", host="here", pid=gone.pid)
     dog = watchdog_seeing((record(0, 9, phase="finish"), 100, 100), (rec, 80, 80))
     assert dog._judge(now=100) is None
 
