@@ -482,7 +482,7 @@ def hostfile_command(
 )
 @click.option(
     "--num-gpus",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=1024),  # hostfile.MAX_SLOTS: one process per rank
     help="Ranks per node (without a hostfile: on this machine only).",
 )
 @click.option("--num-nodes", type=click.IntRange(min=1), help="Use the first N hosts only.")
@@ -577,7 +577,7 @@ def launch_command(
 @click.option(
     "--timeout",
     "timeout_s",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=3600),  # larger overflow subprocess/poll timeouts
     default=10,
     show_default=True,
     help="ssh connect timeout per host, in seconds.",

@@ -27,6 +27,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_rendezvous_env() -> None:
+    """Refuse rendezvous variables torch cannot use, before anything reads them: a
+    non-integer gives a bare ValueError, WORLD_SIZE=0 or a MASTER_PORT over 65535 a torch
+    traceback, and a RANK outside [0, WORLD_SIZE) waits for its peers until the timeout."""
+    from dstrain.errors import DstrainError
+
+    values: dict[str, int] = {}
+    for name, low, high in (
+        ("WORLD_SIZE", 1, 2**31 - 1),
+        ("RANK", 0, 2**31 - 2),
+        ("LOCAL_RANK", 0, 2**31 - 2),
+        ("LOCAL_WORLD_SIZE", 1, 2**31 - 1),
+        ("MASTER_PORT", 1, 65535),
+    ):
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise DstrainError(
+                f"environment variable {name}={raw!r} is not a whole number from {low} to "
+                f"{high}. It is set by the launcher (deepspeed, torchrun, SLURM); unset it "
+                "to run a single process, or fix the value"
+            )
+        values[name] = value
+    address = os.environ.get("MASTER_ADDR")
+    if address is not None:  # torch retries an unresolvable name silently until the timeout
+        try:
+            socket.getaddrinfo(address, None)
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise DstrainError(
+                f"environment variable MASTER_ADDR={address!r} cannot be resolved ({exc}): "
+                "every rank would wait for it until the collective timeout. Set it to node "
+                "0's address, or unset it to run a single process"
+            ) from None
+    world = values.get("WORLD_SIZE", 1)
+    if values.get("RANK", 0) >= world:
+        raise DstrainError(
+            f"environment variable RANK={values['RANK']} is not below WORLD_SIZE={world}: "
+            "ranks count from 0 to WORLD_SIZE-1, so this rank would wait for peers that "
+            "never come. Unset RANK and WORLD_SIZE to run a single process"
+        )
+
+
 def ensure_single_process_env() -> None:
     """Fill in the rendezvous variables for a process not started by a launcher."""
     os.environ.setdefault("RANK", "0")

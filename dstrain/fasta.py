@@ -66,6 +66,48 @@ MAX_LISTED = 100
 _PROTEIN_SHARE = 0.1  # above this share of protein-only letters a record "looks like protein"
 _SNIFF_BYTES = 64 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_RECORD_BYTES = 128 * 1024 * 1024
+"""Longest stretch between two '>' headers, in bytes of the (decompressed) file. Genes are
+at most a few Mb and whole bacterial genomes ~15 Mb; biopython holds a record in memory
+several times over, so a 1 GiB record (or a gzip bomb) would exhaust RAM before any check."""
+
+
+class _RecordBound(io.RawIOBase):
+    """Binary reader that refuses a record longer than `MAX_RECORD_BYTES` as it streams."""
+
+    def __init__(self, inner: io.BufferedIOBase, path: Path) -> None:
+        super().__init__()
+        self._inner, self._path, self._since_header = inner, path, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._since_header = 0  # only used at the file's start (leading blank lines)
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def readinto(self, buffer) -> int:
+        data = self._inner.read(min(len(buffer), 1 << 20))
+        count = len(data)
+        buffer[:count] = data
+        run, start = self._since_header, 0
+        while (header := data.find(b">", start)) >= 0 and run + header - start <= MAX_RECORD_BYTES:
+            run, start = 0, header + 1
+        self._since_header = run + (header if header >= 0 else count) - start
+        if self._since_header > MAX_RECORD_BYTES:
+            raise DstrainError(
+                f"{self._path}: a record runs over {MAX_RECORD_BYTES // 2**20} MiB without a "
+                "'>' header (a whole genome, a concatenation or a decompression bomb?). dstrain "
+                "tokenizes gene-level sequences: split it into one record per gene"
+            )
+        return count
+
 
 # Byte classes of an uppercased sequence.
 _BASE, _URACIL, _AMBIGUOUS, _GAP, _SPACE, _PROTEIN, _OTHER = range(7)
@@ -403,7 +445,9 @@ def _open_fasta(path: Path) -> Iterator[TextIO]:
 
     with (
         open_binary(path, "rb") as binary,
-        io.TextIOWrapper(binary, encoding="utf-8", errors="replace") as handle,
+        io.TextIOWrapper(
+            io.BufferedReader(_RecordBound(binary, path)), encoding="utf-8", errors="replace"
+        ) as handle,
     ):
         # biopython wants the first line to be a header: step over leading blank lines.
         while True:

@@ -19,6 +19,10 @@ from dstrain.errors import DstrainError
 
 ACCEPTED_FORM = "HOST slots=N   (e.g. `gpu01 slots=4`; N >= 1; `#` starts a comment)"
 
+MAX_SLOTS = 1024
+"""Most ranks one host may run: nodes hold up to a few dozen GPUs; DeepSpeed's launcher
+starts one process per slot, so `slots=1000000000` (a typo) would try to start that many."""
+
 _HOST = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _ENTRY = re.compile(rf"^(?P<host>{_HOST})\s+slots=(?P<slots>\d+)$")
 
@@ -60,9 +64,16 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>") -> list[HostEntry
         if match is None:
             problems.append(f"{source}:{number}: `{body}`: {_explain(body)}")
             continue
-        host, slots = match["host"], int(match["slots"])
+        # over 4300 digits int() raises ValueError; anything that long is past MAX_SLOTS
+        digits = match["slots"].lstrip("0") or "0"
+        host, slots = match["host"], int(digits[:6])
         if slots < 1:
             problems.append(f"{source}:{number}: `{body}`: slots must be at least 1")
+        elif slots > MAX_SLOTS or len(digits) > 6:
+            problems.append(
+                f"{source}:{number}: `{body[:80]}`: slots must be at most {MAX_SLOTS} (one "
+                "process per slot is started on the host)"
+            )
         elif host in first_line:
             problems.append(
                 f"{source}:{number}: host `{host}` is listed again (first on line "
@@ -136,6 +147,8 @@ def _checked_entries(hosts: list[tuple[str, int]], source: str) -> list[HostEntr
         seen.add(host)
         if slots < 1:
             problems.append(f"`{host}` would get slots={slots}; slots must be at least 1")
+        elif slots > MAX_SLOTS:
+            problems.append(f"`{host}` would get slots={slots}; slots must be at most {MAX_SLOTS}")
     if problems:
         raise DstrainError(f"cannot make a hostfile from {source}:\n  " + "\n  ".join(problems))
     return [HostEntry(host, slots, i) for i, (host, slots) in enumerate(hosts, start=1)]

@@ -14,7 +14,8 @@ paragraph naming the file (and line/column or JSON path where there is one):
   ValueError; DeepSpeed and torch store counts as int64 anyway), NaN and ±Infinity
   (json accepts them as an extension, `1e999` reads as inf; they pass every `>= 0` rule),
   lone surrogates (`"\\ud800"` decodes to a str that cannot be printed or written as
-  UTF-8), and TOML dates and times (no setting takes one; json cannot write them).
+  UTF-8), NUL characters (no path or name can hold one), and TOML dates and times (no
+  setting takes one; json cannot write them).
 """
 
 from __future__ import annotations
@@ -311,6 +312,11 @@ def check_values(data: Any, source: str) -> None:
 
 
 def _check_string(text: str, where: str) -> None:
+    if "\x00" in text:  # os/open refuse it ("embedded null byte") once training starts
+        raise InputError(
+            f"{where}: a string holds a NUL character (\\u0000), which no name, path or "
+            "setting may contain; remove it"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

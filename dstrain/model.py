@@ -423,6 +423,14 @@ def load_init_checkpoint(
     if not path.exists():
         raise DstrainError(f"initial checkpoint {path} does not exist. Check the path.")
     if path.is_dir():
+        if not (path / "config.json").exists() and (
+            (path / "latest").is_file() or (path / "checkpoints").is_dir()
+        ):
+            raise DstrainError(
+                f"{path} is a dstrain training checkpoint, not a model directory (no "
+                f"config.json). Export it first (`dstrain export {path} -o DIR`) and pass "
+                "DIR, or continue that run with `dstrain train --resume`."
+            )
         found = architecture_from_hf_config(path)
         diffs = arch.differences(found)
         if diffs:

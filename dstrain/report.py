@@ -293,12 +293,19 @@ def ema(values: Sequence[float], beta: float = EMA_BETA) -> list[float]:
     return out
 
 
+MAX_PLOTTED = 1e100
+"""Finite values beyond ±1e100 are left out: matplotlib cannot lay out an axis whose span
+overflows (a loss of 1e308 next to -1e308: "arange: cannot compute length")."""
+
+
 def column(rows: Sequence[dict], key: str, scale: float = 1.0) -> tuple[tuple, tuple]:
     """(steps, values) of the rows that have a number under `key` (null = NaN/inf)."""
     pairs = [
         (r["step"], float(r[key]) * scale)
         for r in rows
-        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+        if isinstance(r.get(key), (int, float))
+        and not isinstance(r.get(key), bool)
+        and not abs(r[key]) > MAX_PLOTTED  # NaN/inf stay (null rows; matplotlib skips them)
     ]
     return tuple(s for s, _ in pairs), tuple(v for _, v in pairs)
 
@@ -399,6 +406,13 @@ def draw_report(runs: Sequence[RunMetrics]) -> Report:
     grid = figure.add_gridspec(rows, COLUMNS)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     steps = [x for panel in panels for s in panel.series for x in s.steps]
+    if not steps:
+        raise DstrainError(
+            "nothing to plot in "
+            + ", ".join(str(run.metrics_path) for run in runs)
+            + ": its rows have a step but no number under loss, val_loss, lr or any other "
+            "plotted key (wrong types?). Pass the --output-dir of a `dstrain train` run."
+        )
     pad = max(0.5, 0.02 * (max(steps) - min(steps)))  # every panel spans the same steps
     for index, panel in enumerate(panels):
         ax = figure.add_subplot(grid[index // COLUMNS, index % COLUMNS])

@@ -71,9 +71,11 @@ class DataSettings(_Node):
     """What to do with a codon holding an IUPAC ambiguity code (N, R, Y, ...): map it to
     `[UNK]` (counted in the report), drop the whole record, or stop with an error."""
 
-    max_length: int = Field(default=2048, ge=8)
+    max_length: int = Field(default=2048, ge=8, le=2**20)
     """Longest example in codon tokens (GenSLM's context is 2048). Longer records are cut
     into windows of this size instead of being truncated."""
+    # le=2**20 (3 Mb, far above any gene): `--padding max_length` pads every example to
+    # it, and 2**63-1 failed in torch's allocator with a traceback.
 
     window_overlap: int = Field(default=0, ge=0)
     """Codons shared by consecutive windows of a record longer than `max_length`."""
@@ -587,7 +589,7 @@ class TrainSettings(_Node):
     """DeepSpeed JSON; unset means one built from the DeepSpeed flags (gen-config's) over
     the DeepSpeed settings' defaults, written to OUTPUT_DIR/ds_config.json."""
 
-    output_dir: str = "runs/demo"
+    output_dir: str = Field(default="runs/demo", min_length=1)  # "" wrote into the cwd
     """Run directory: metrics.jsonl, checkpoints/, export/, cache/."""
 
     max_steps: int | None = Field(default=None, ge=1)

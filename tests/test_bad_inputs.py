@@ -340,6 +340,28 @@ def build_cases(tmp: Path) -> list[Case]:
     ):
         cases.append(Case(f"estimate/{'_'.join(argv)[:60]}", ("estimate", *argv), "fail"))
 
+    # Found by a fuzzing pass: tracebacks, and values that would start absurd launches.
+    huge_slots = write(tmp, "hostfile_huge_slots", b"h1 slots=" + b"9" * 5000 + b"\n", "")
+    big_slots = write(tmp, "hostfile_big_slots", b"h1 slots=1000000000\n", "")
+    for name, path in (("huge_slots", huge_slots), ("big_slots", big_slots)):
+        cases.append(Case(f"hostfile/{name}", ("hostfile", "--check", path), "fail"))
+        argv = ("launch", "--dry-run", "--hostfile", path, "--", "--deepspeed_config", ok_config)
+        cases.append(Case(f"launch-hostfile/{name}", argv, "fail"))
+    argv = ("launch", "--dry-run", "--num-gpus", "5000", "--", "--deepspeed_config", ok_config)
+    cases.append(Case("launch/num_gpus_5000", argv, "fail"))
+    for extra in (("--no-such-flag",), ("--max-steps", "abc"), ("--deepspeed_config",)):
+        argv = ("launch", "--dry-run", "--num-gpus", "1", "--", "--deepspeed_config", ok_config)
+        cases.append(Case(f"launch/train_args{'_'.join(extra)}", (*argv, *extra), "fail"))
+    argv = ("doctor", "--hostfile", ok_hostfile, "--timeout", "9223372036854775807")
+    cases.append(Case("doctor/timeout_int64", argv, "fail"))  # poll() OverflowError
+    bool_stage = write(tmp, "bool_stage", b"[zero_optimization]\nstage = true\n", ".toml")
+    cases.append(Case("gen-config/bool_stage", ("gen-config", "--settings", bool_stage), "fail"))
+    nul_path = json.dumps({**BASE_DS, "csv_monitor": {"enabled": True, "output_path": "a\0b"}})
+    path = write(tmp, "ds_nul_path", nul_path.encode())
+    cases.append(Case("validate/nul_in_path", ("validate", "--no-deepspeed", path), "fail"))
+    argv = ("train", "--deepspeed_config", path, "--output-dir", str(tmp / "t_out"))
+    cases.append(Case("train/nul_in_path", argv, "fail"))
+
     # 5. prepare: broken FASTA.
     fasta = {
         "empty": b"",
@@ -368,6 +390,9 @@ def build_cases(tmp: Path) -> list[Case]:
         "deep_rows": (b'{"step": ' + b"[" * 5000 + b"]" * 5000 + b"}\n", None),
         "huge_int_step": (b'{"step": ' + b"9" * 5000 + b"}\n", None),
         "surrogate_rows": (b'{"step": "\\ud800"}\n', None),
+        # found by fuzzing: max() of no steps, and matplotlib's "arange: cannot compute length"
+        "wrong_type_rows": (b'{"step": 1, "loss": "x"}\n{"step": 2, "loss": [1]}\n', None),
+        "huge_losses": (b'{"step": 1, "loss": 1e308}\n{"step": 2, "loss": -1e308}\n', None),
         "deep_summary": (METRICS_OK, b'{"a":' * 2000 + b"1" + b"}" * 2000),
         "garbage_summary": (METRICS_OK, bytes(range(256))),
     }
@@ -404,8 +429,12 @@ def build_cases(tmp: Path) -> list[Case]:
         ("--warmup-steps", "0"),
         ("--clip", "nan"),
         ("--no-such-flag",),
+        ("--num-gpus", "0"),  # used to train in this process
+        ("--num-gpus", "-1"),  # used to hand DeepSpeed every GPU, exit 0
+        ("--padding", "max_length", "--max-length", "9223372036854775807"),  # torch traceback
+        ("--output-dir", ""),  # wrote the run into the current directory
     ):
-        full = ("train", *argv, "--output-dir", str(tmp / "t_out"))
+        full = ("train", "--output-dir", str(tmp / "t_out"), *argv)
         cases.append(Case(f"train/{'_'.join(argv)}", full, "fail"))
     refused = ("=inf_literal", "=object", "=string")
     for name, text in [m for m in mutated_texts(BASE_DS) if m[0].endswith(refused)][::4]:
@@ -571,3 +600,46 @@ def test_generated_bad_inputs_in_real_processes(inputs_dir):
         finish(*item)
     assert len(sample) >= 20 and any("fifo" in c.name for c in sample)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"LOCAL_RANK": "abc"}, "LOCAL_RANK='abc' is not a whole number"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a whole number from 1"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999'"),
+        ({"RANK": "-1", "WORLD_SIZE": "1"}, "RANK='-1'"),
+        ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
+        ({"MASTER_ADDR": "no-such-host.invalid"}, "MASTER_ADDR='no-such-host.invalid' cannot"),
+    ],
+)
+def test_bad_rendezvous_env_is_refused_first(env, words, monkeypatch, capsys):
+    """Found by fuzzing: torch tracebacks (LOCAL_RANK=abc, WORLD_SIZE=0, MASTER_PORT=99999)
+    and a silent wait for peers until the timeout (RANK=-1, an unresolvable MASTER_ADDR).
+    Refused before anything runs."""
+    import dstrain.train
+
+    def built(*_args, **_kwargs):
+        raise BuiltEngine("dstrain train got past the environment check")
+
+    monkeypatch.setattr(dstrain.train, "run", built)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dstrain.train.main(["--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+def test_a_training_checkpoint_given_as_model_directory_says_export(tmp_path):
+    """Found by fuzzing: `convert-checkpoint RUN/checkpoints` (or --init-checkpoint) said
+    "model config RUN/checkpoints/config.json does not exist", as if --model were wrong."""
+    from dstrain.errors import DstrainError
+    from dstrain.model import load_init_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("global_step1")
+    for path in (tmp_path, tmp_path / "checkpoints"):
+        with pytest.raises(DstrainError, match=r"is a dstrain training checkpoint.*dstrain export"):
+            load_init_checkpoint("genslm_tiny", path)

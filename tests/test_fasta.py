@@ -184,6 +184,25 @@ def test_leading_blank_lines_and_crlf_are_accepted(tmp_path):
     assert codons.decode_ids(records[0].ids) == ["ATG", "AAA", "CCC"]
 
 
+def test_a_record_over_the_bound_is_refused_while_streaming(tmp_path, monkeypatch):
+    # A 2 GiB one-record gzip (a bomb) ran prepare out of memory (SIGKILL, no message)
+    # inside biopython, which holds a record whole. The bound is lowered to keep this fast.
+    import dstrain.fasta
+
+    monkeypatch.setattr(dstrain.fasta, "MAX_RECORD_BYTES", 4000)
+    fine = b">a\n" + b"ATG" * 1300 + b"\n>b\n" + b"ATG" * 1300 + b"\n"
+    (tmp_path / "fine.fasta.gz").write_bytes(gzip.compress(fine))
+    records, _ = read_fasta(tmp_path / "fine.fasta.gz", DataSettings())
+    assert [len(r.ids) for r in records] == [1300, 1300]
+    for name, data in (
+        ("one_line.fasta.gz", gzip.compress(b">a\n" + b"A" * 3_000_000)),
+        ("lines.fasta", b">a\n" + b"ATGAAACCC\n" * 500 + b">b\nATG\n"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DstrainError, match=f"{name}: a record runs over"):
+            read_fasta(tmp_path / name, DataSettings())
+
+
 # --------------------------------------------------------------------------------------
 # Windows and split
 # --------------------------------------------------------------------------------------

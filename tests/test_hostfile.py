@@ -242,3 +242,14 @@ def test_a_node_list_that_expands_past_any_cluster_is_refused_at_once(nodelist):
     with pytest.raises(DstrainError, match="more than 100,000 hosts"):
         expand_slurm_nodelist(nodelist)
     assert len(expand_slurm_nodelist("n[1-50000],m[1-50000]")) == 100_000
+
+
+@pytest.mark.parametrize("slots", ["1025", "1000000000", "9223372036854775807", "9" * 5000])
+def test_absurd_slots_are_refused_not_launched(slots):
+    # DeepSpeed starts one process per slot; 5000 digits also used to raise int()'s
+    # ValueError (a traceback).
+    with pytest.raises(DstrainError, match="slots must be at most 1024"):
+        parse_hostfile_text(f"h1 slots={slots}\n", "hf")
+    with pytest.raises(DstrainError, match="slots must be at most 1024"):
+        hostfile_from_slurm("n[1-2]", 1025)
+    assert parse_hostfile_text("h1 slots=0001024\n", "hf")[0].slots == 1024

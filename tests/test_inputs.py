@@ -85,6 +85,9 @@ def test_nesting_bound_is_exact():
         ('{"a": 9223372036854775808}', "outside the 64-bit range"),
         ('{"a": "\\ud800"}', r"f: a: a string holds a lone surrogate \(\\ud800\)"),
         ('{"\\udfff": 1}', r"\(a key\): a string holds a lone surrogate"),
+        # a NUL in a path reached `dstrain train` and died in os.makedirs with a traceback
+        ('{"csv_monitor": {"output_path": "a\\u0000b"}}', r"csv_monitor.output_path: .*NUL"),
+        ('{"a\\u0000": 1}', r"\(a key\): a string holds a NUL character"),
         ('{"a": 1,}', "malformed JSON at line 1, column 9"),
     ],
 )
@@ -107,6 +110,7 @@ def test_json_keeps_int64_and_ordinary_values():
         ("when = 1979-05-27T07:32:00Z", "when: a TOML date/time value"),
         ("[t]\nd = 1979-05-27", "t.d: a TOML date/time value"),
         ("x = nan", "x: nan is not a finite number"),
+        ('[nvme]\npath = "a\\u0000b"', "nvme.path: a string holds a NUL character"),
         ("x = ", "malformed TOML"),
     ],
 )

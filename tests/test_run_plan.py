@@ -119,3 +119,13 @@ def test_the_trainer_is_built_in_init():
     later = {name: attrs - built for name, attrs in assigned.items() if attrs - built}
     assert later == {}
     assert {"engine", "plan", "loop", "start_step", "window", "metrics", "bar"} <= built
+
+
+def test_an_accumulation_spanning_over_1000_epochs_is_refused_not_run_forever():
+    # 12 examples, micro 4: 3 micro-batches per epoch. Accumulation spanning epochs is
+    # legitimate (tiny data), but 2**63-1 made one optimizer step run for ever, silently.
+    assert plan(12, micro=4, accum=3000, max_steps=1).total_steps == 1
+    for accum, max_steps in ((3001, 1), (2**63 - 1, 1), (2**63 - 1, None)):
+        with pytest.raises(DstrainError, match="gradient_accumulation_steps") as info:
+            plan(12, micro=4, accum=accum, max_steps=max_steps)
+        assert "--grad-accum" in str(info.value)

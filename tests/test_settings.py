@@ -209,3 +209,14 @@ def test_fractional_min_loss_scale_is_refused_as_deepspeed_would():
     parser refuses, so the settings refuse it first, naming the field."""
     with pytest.raises(DstrainError, match=r"fp16\.min_loss_scale"):
         make_deepspeed_settings({"precision": "fp16", "fp16": {"min_loss_scale": 0.5}})
+
+
+def test_a_bool_is_refused_where_a_number_goes():
+    # pydantic's lax mode read `stage = true` as ZeRO stage 1, silently.
+    with pytest.raises(DstrainError, match="stage: must be a number, not true"):
+        make_deepspeed_settings({"zero_optimization": {"stage": True}})
+    with pytest.raises(DstrainError, match="steps_per_print: must be a number, not false"):
+        make_deepspeed_settings({"steps_per_print": False})
+    # bool fields (and bool-or-None ones) still take bools
+    settings = make_deepspeed_settings({"zero_optimization": {"overlap_comm": False}})
+    assert settings.zero_optimization.overlap_comm is False
