@@ -446,7 +446,7 @@ def _open_fasta(path: Path) -> Iterator[TextIO]:
     with (
         open_binary(path, "rb") as binary,
         io.TextIOWrapper(
-            io.BufferedReader(_RecordBound(binary, path)), encoding="utf-8", errors="replace"
+            io.BufferedReader(_RecordBound(binary, path)), encoding="utf-8-sig", errors="replace"
         ) as handle,
     ):
         # biopython wants the first line to be a header: step over leading blank lines.
@@ -459,9 +459,13 @@ def _open_fasta(path: Path) -> Iterator[TextIO]:
         yield handle
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _check_fasta_head(path: Path, head: bytes, is_gzip: bool) -> None:
     """Errors for empty, binary, FASTQ and header-less files, from the first 64 KiB."""
     what = "decompresses to" if is_gzip else "is"
+    head = head.removeprefix(_UTF8_BOM)  # Windows editors start files with one
     if not head.strip():
         raise DstrainError(
             f"{path}: {what} an empty file (no FASTA records). Point to a FASTA file with "

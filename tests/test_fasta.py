@@ -308,3 +308,19 @@ def test_bad_input_names_the_file(tmp_path, source, options, expected):
     assert message.startswith(f"{path}:")
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path, compressed):
+    """Windows editors start text files with a UTF-8 BOM: the file reads as without one
+    (the first record's id included)."""
+    text = ">r1 first\nATGAAACCCGGGTTT\n>r2\nATGCCCGGGAAATTT\n"
+    data = b"\xef\xbb\xbf" + text.encode()
+    path = tmp_path / ("bom.fa.gz" if compressed else "bom.fa")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    plain = tmp_path / "plain.fa"
+    plain.write_text(text)
+    with_bom, _ = read_fasta(path, DataSettings())
+    without, _ = read_fasta(plain, DataSettings())
+    assert [r.record_id for r in with_bom] == ["r1", "r2"]
+    assert [r.ids.tolist() for r in with_bom] == [r.ids.tolist() for r in without]
