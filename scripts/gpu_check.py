@@ -268,6 +268,16 @@ def train(out_dir: Path, args: list[str], timeout_s: float, env: dict[str, str])
     """`python -m dstrain.train ARGS` (a fresh process); (exit code, its output)."""
     log = out_dir.parent / f"{out_dir.name}.log"
     command = [sys.executable, "-m", "dstrain.train", "--output-dir", str(out_dir), *args]
+    code, output = run_captured(command, timeout_s, env=env)
+    log.write_text(output)
+    return code, output
+
+
+def run_captured(
+    command: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """(exit code, stdout and stderr together) of `command` run in the repository; a
+    time-out is exit code 124 with what was printed until then."""
     try:
         done = subprocess.run(
             command,
@@ -278,13 +288,10 @@ def train(out_dir: Path, args: list[str], timeout_s: float, env: dict[str, str])
             text=True,
             timeout=timeout_s,
         )
-        code, output = done.returncode, done.stdout
     except subprocess.TimeoutExpired as exc:
         raw = exc.stdout or ""
-        code = 124
-        output = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw) + "\nTIMEOUT"
-    log.write_text(output)
-    return code, output
+        return 124, (raw.decode(errors="replace") if isinstance(raw, bytes) else raw) + "\nTIMEOUT"
+    return done.returncode, done.stdout
 
 
 def train_flops_per_token(arch, seq_len: int) -> int:
@@ -431,20 +438,8 @@ def test_config_case(work: Path, plan: Plan, stage: int, env: dict[str, str]) ->
 
 def run_pytest(work: Path, timeout_s: float = 240) -> dict[str, Any]:
     started = time.time()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout_s,
-        )
-        code, output = done.returncode, done.stdout
-    except subprocess.TimeoutExpired as exc:
-        raw = exc.stdout or ""
-        code = 124
-        output = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw) + "\nTIMEOUT"
+    command = [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    code, output = run_captured(command, timeout_s)
     (work / "pytest.log").write_text(output)
     lines = output.strip().splitlines()
     return {
