@@ -19,7 +19,8 @@ own sizes for tests and benchmarks.
 
 Upstream's JSON files also carry `attention_probs_dropout_prob` / `hidden_dropout_prob`
 (BERT's names, which GPT-NeoX ignores) and bos = eos = 0 ([UNK]); dstrain trains
-without dropout, as upstream effectively did, and uses the codon tokenizer's ids. A
+without dropout, as upstream effectively did, and keeps bos = eos = 0 so upstream's
+generation calls behave the same (exports suppress ids 0-4 when sampling). A
 config.json with GPT-NeoX's own `hidden_dropout` / `attention_dropout` trains with them.
 """
 

@@ -191,7 +191,8 @@ def validate(
     "--trust-checkpoint",
     is_flag=True,
     help="Allow full unpickling of CHECKPOINT, which can run code hidden in the file. "
-    "Official GenSLM .pt files need it; use only for files from a source you trust.",
+    "Official GenSLM .pt files and upstream DeepSpeed checkpoint directories need it; use "
+    "only for files from a source you trust.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an existing model directory."
@@ -199,7 +200,12 @@ def validate(
 def convert_checkpoint_command(
     checkpoint: str, model_name: str, out_dir: str, trust_checkpoint: bool, overwrite: bool
 ) -> None:
-    """Convert an official GenSLM checkpoint (.pt) into an HF model directory.
+    """Convert an official GenSLM checkpoint into an HF model directory.
+
+    CHECKPOINT is a .pt file, an HF model directory, or a DeepSpeed checkpoint directory
+    from upstream GenSLM's training (`NAME.ckpt/` with `latest` and
+    `checkpoint/*_states.pt`, consolidated with DeepSpeed's zero_to_fp32; needs
+    --trust-checkpoint). A dstrain run is exported with `dstrain export` instead.
 
     The result loads with `AutoModelForCausalLM.from_pretrained(OUTPUT)` and serves as
     an initial checkpoint for training. Every tensor is checked: a checkpoint of another
@@ -240,8 +246,8 @@ def convert_checkpoint_command(
 def prepare_command(fasta: tuple[str, ...], output: str, as_json: bool, **options) -> None:
     """Tokenize nucleotide FASTA files (plain or .gz) into a reusable codon token cache.
 
-    Reports records, codons, [UNK] codons, dropped partial codons and skipped records per
-    file. A second run with the same files and options reuses the cache.
+    Reports records, codons, [UNK] codons, partial codons (dropped or [UNK]), gaps removed,
+    U read as T, and skipped records per file. A second run with the same files and options reuses the cache.
 
     \b
     Examples:
@@ -307,6 +313,16 @@ def train_command(ctx: click.Context) -> None:
 @click.option(
     "--pt", "export_pt", is_flag=True, help="Also write pytorch_model.pt (a plain fp32 state_dict)."
 )
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["hf", "upstream"]),
+    default="hf",
+    show_default=True,
+    help="hf: the HF model directory. upstream: the same directory plus genslm_upstream.pt, "
+    'the {"state_dict": ...} file upstream\'s genslm.GenSLM class loads (transformers 4.21 '
+    "names: embed_out head, attention buffers).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option(
     "--trust-checkpoint",
@@ -317,7 +333,12 @@ def train_command(ctx: click.Context) -> None:
     "manifest's sha256 and loaded tensors-only first.",
 )
 def export_command(
-    checkpoint: str, output: str, export_pt: bool, overwrite: bool, trust_checkpoint: bool
+    checkpoint: str,
+    output: str,
+    export_pt: bool,
+    export_format: str,
+    overwrite: bool,
+    trust_checkpoint: bool,
 ) -> None:
     """Consolidate a dstrain checkpoint (any ZeRO stage) into an HF model directory.
 
@@ -330,6 +351,7 @@ def export_command(
         checkpoint,
         output,
         export_pt=export_pt,
+        export_format=export_format,
         overwrite=overwrite,
         trust_checkpoint=trust_checkpoint,
     )
@@ -338,6 +360,11 @@ def export_command(
         f"wrote {result.out_dir}: {result.architecture}, {result.num_params:,} "
         f"parameters{step} (load with AutoModelForCausalLM.from_pretrained)"
     )
+    if export_format == "upstream":
+        click.echo(
+            f"wrote {result.out_dir}/genslm_upstream.pt (upstream GenSLM's layout: "
+            'torch.load(path)["state_dict"] into a transformers 4.2x GPTNeoXForCausalLM)'
+        )
 
 
 @cli.command("report")
@@ -376,6 +403,213 @@ def report_command(run_dirs: tuple[str, ...], compare: tuple[str, ...], output: 
         click.echo(f"warning: {warning}", err=True)
     steps = ", ".join(f"{run.label} step {run.last_step}" for run in report.runs)
     click.echo(f"wrote {target} ({len(report.panels)} panels; {steps})")
+
+
+# --------------------------------------------------------------------------------------
+# generate: sample codon sequences from a trained model
+# --------------------------------------------------------------------------------------
+
+
+@cli.command("generate")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("-n", "--num-seqs", "n", type=int, required=True, help="Sequences to write.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="FASTA file to write (atomically); headers carry the seed and the record's index.",
+)
+@click.option(
+    "--prompt",
+    default="ATG",
+    show_default=True,
+    help="DNA every record starts with: A/C/G/T, whole codons (upstream's start, ATG, by "
+    "default). '' starts from the bos token as upstream's unprompted generation does.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Codons per record, the prompt included (as upstream's max_length); every record "
+    "has exactly this many unless --to-stop-codon cuts it. At most the context (2048).",
+)
+@click.option("--top-k", type=int, default=50, show_default=True, help="0 turns it off.")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="1 turns it off.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Same seed and flags -> the same FASTA, byte for byte (on the same device and dtype).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Sequences sampled together. Part of the recipe: another batch size gives other records.",
+)
+@click.option(
+    "--to-stop-codon",
+    is_flag=True,
+    help="Cut each record after its first in-frame stop codon (kept), as upstream's "
+    "tokens_to_sequences does.",
+)
+@click.option(
+    "--translate",
+    is_flag=True,
+    help="Also write the proteins (biopython's translate, standard table, stops as *) to "
+    "OUTPUT with suffix .faa, same headers.",
+)
+@click.option(
+    "--unique-against",
+    "known_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="KNOWN.fasta",
+    help="Repeatable. Keep sampling until -n records are neither in these FASTA files nor "
+    "repeats of each other (compared as written: upper case, after any cut).",
+)
+@click.option(
+    "--max-rounds",
+    type=int,
+    default=100,
+    show_default=True,
+    help="With --unique-against: batches to sample at most before giving up (nothing written).",
+)
+@click.option(
+    "--name-prefix",
+    default="SyntheticSeq",
+    show_default=True,
+    help="Record IDs are PREFIX_INDEX (upstream's default prefix).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (a GPU if there is one), cpu, cuda or cuda:N. bf16 on a GPU that supports it.",
+)
+@click.option(
+    "--model",
+    "model_name",
+    help="The architecture of an upstream .pt MODEL (e.g. genslm_25M).",
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Unpickle an upstream .pt MODEL in full (it can run code: only files you trust).",
+)
+def generate_command(
+    model_spec: str,
+    n: int,
+    output: str,
+    prompt: str,
+    max_length: int,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    to_stop_codon: bool,
+    translate: bool,
+    known_files: tuple[str, ...],
+    max_rounds: int,
+    name_prefix: str,
+    device: str,
+    model_name: str | None,
+    trust_checkpoint: bool,
+) -> None:
+    """Sample codon DNA from MODEL with upstream GenSLM's generate_dna settings.
+
+    MODEL is an export directory, a dstrain checkpoint directory, or an upstream .pt file
+    (with --model and --trust-checkpoint). Top-k 50 / top-p 0.95 sampling; the special
+    tokens ([UNK] [CLS] [SEP] [PAD] [MASK]) are never sampled. Prints one line per record
+    (codons, first stop codon, GC content, novelty) and the sampling rate.
+
+    \b
+    Examples:
+      dstrain generate export/ -n 10 -o generated.fasta --max-length 256 --seed 1
+      dstrain generate export/ -n 100 -o new.fasta --to-stop-codon --translate \\
+          --unique-against train.fasta
+    """
+    from pathlib import Path
+
+    from dstrain import generate
+
+    problems = generate.check_generation_options(
+        n=n,
+        max_length=max_length,
+        prompt=prompt,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        batch_size=batch_size,
+        max_rounds=max_rounds,
+        seed=seed,
+    )
+    if not name_prefix or any(c.isspace() for c in name_prefix):
+        problems.append(f"--name-prefix {name_prefix!r}: give a non-empty word (no spaces).")
+    if not Path(output).absolute().parent.is_dir():
+        problems.append(f"-o {output}: its directory does not exist; create it first.")
+    if problems:
+        raise DstrainError(" ".join(problems), exit_code=2)
+    protein_path = generate.protein_path_for(output) if translate else None
+    known = generate.read_known_sequences(known_files) if known_files else None
+    if known is not None:
+        click.echo(f"{len(known)} known sequences from {len(known_files)} file(s)", err=True)
+
+    from dstrain.inference import load_model
+
+    device, dtype = generate.pick_device_and_dtype(device)
+    loaded = load_model(
+        model_spec,
+        model_name=model_name,
+        trust_checkpoint=trust_checkpoint,
+        device=device,
+        dtype=dtype,
+    )
+    step = f" at step {loaded.step}" if loaded.step is not None else ""
+    click.echo(f"model: {loaded.architecture} from {loaded.source}{step}", err=True)
+
+    def show_round(run) -> None:
+        click.echo(
+            f"round {run.rounds}: {len(run.records)}/{n} novel ({run.num_known} known, "
+            f"{run.num_duplicate} repeated, {run.num_sampled} sampled)",
+            err=True,
+        )
+
+    run = generate.generate_sequences(
+        loaded.model,
+        n=n,
+        max_length=max_length,
+        prompt=prompt,
+        seed=seed,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        batch_size=batch_size,
+        to_stop_codon=to_stop_codon,
+        known=known,
+        max_rounds=max_rounds,
+        on_round=show_round if known is not None else None,
+    )
+    from dstrain.publish import write_file_atomic
+
+    if protein_path is not None:
+        fasta = generate.format_fasta(run.records, protein=True, name_prefix=name_prefix)
+        write_file_atomic(protein_path, fasta)
+    write_file_atomic(output, generate.format_fasta(run.records, name_prefix=name_prefix))
+    click.echo(generate.format_summary(run.records, with_novelty=known is not None))
+    also = f" and {protein_path}" if protein_path is not None else ""
+    dtype_name = str(dtype).removeprefix("torch.")
+    click.echo(
+        f"wrote {output}{also}: {len(run.records)} sequences; {run.num_sampled_codons:,} "
+        f"codons sampled in {run.seconds:.2f} s = {run.codons_per_s:,.0f} codons/s "
+        f"({device}, {dtype_name}, batch {batch_size})"
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -308,7 +308,10 @@ DEEPSPEED_ROWS = (
 DATA_ROWS = (
     Row("frame"),
     Row("on_ambiguous"),
+    Row("on_invalid"),
+    Row("partial_codon"),
     Row("max_length"),
+    Row("long_records"),
     Row("window_overlap"),
     Row("val_fraction"),
     Row("split_seed"),

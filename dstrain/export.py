@@ -4,7 +4,12 @@ Heavy edge. Consolidates fp32 weights on the CPU with no process group: DeepSpee
 zero_to_fp32 for ZeRO 1-3 (it reads the fp32 master partitions of every rank), and the
 fp32 masters of `mp_rank_00_model_states.pt` for stage 0 (zero_to_fp32 cannot read those).
 The result is written with `save_pretrained` (safetensors), so
-`AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it.
+`AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it;
+its `generation_config.json` keeps special tokens out of sampling (`dstrain.model.
+generation_config`). Formats: `hf` (that directory) and `upstream` (the same directory plus
+`genslm_upstream.pt`, the `{"state_dict": ...}` file upstream's `genslm.GenSLM` class loads,
+see `dstrain.model.save_upstream_pt`); `export_pt` adds a plain state dict
+(`pytorch_model.pt`, transformers 5 names) to either.
 
 Nothing of the checkpoint is unpickled before `verify_checkpoint` has checked it against its
 manifest (zero_to_fp32 unpickles in full); a checkpoint without one needs `trust_checkpoint`.
@@ -32,6 +37,8 @@ from dstrain.checkpoints import (
 from dstrain.ds_run import resolve_ds_run
 from dstrain.errors import DstrainError
 from dstrain.publish import publish_dir
+
+EXPORT_FORMATS = ("hf", "upstream")
 
 
 def _check_export_dir(out_dir: Path, ckpt_dir: Path, *, overwrite: bool) -> None:
@@ -127,15 +134,27 @@ def export_checkpoint(
     out_dir: str | Path,
     *,
     export_pt: bool = False,
+    export_format: str = "hf",
     overwrite: bool = True,
     trust_checkpoint: bool = False,
     verify: bool = True,
 ) -> ExportResult:
-    """Write `out_dir` (HF model + tokenizer [+ pytorch_model.pt]) from a checkpoint.
+    """Write `out_dir` (HF model + tokenizer [+ genslm_upstream.pt] [+ pytorch_model.pt])
+    from a checkpoint; `export_format` is "hf" or "upstream" (see the module docstring).
 
     `verify=False` only for a checkpoint this process has just written or verified."""
     from dstrain.codons import build_hf_tokenizer
-    from dstrain.model import build_model, load_state_dict_strictly
+    from dstrain.model import (
+        UPSTREAM_PT_NAME,
+        build_model,
+        load_state_dict_strictly,
+        save_upstream_pt,
+    )
+
+    if export_format not in EXPORT_FORMATS:
+        raise DstrainError(
+            f"unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
+        )
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     if verify:
@@ -168,6 +187,8 @@ def export_checkpoint(
         build_hf_tokenizer().save_pretrained(staging)
         if export_pt:
             torch.save(model.state_dict(), staging / "pytorch_model.pt")
+        if export_format == "upstream":
+            save_upstream_pt(model, staging / UPSTREAM_PT_NAME)
     return ExportResult(
         out_dir, arch.name, sum(t.numel() for t in state.values()), meta.get("step")
     )

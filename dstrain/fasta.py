@@ -7,22 +7,47 @@ Every record goes through the same steps (`read_fasta`):
    of the header, as biopython gives it.
 2. Clean: uppercase; whitespace removed; gap characters `-` and `.` removed *before* the
    sequence is cut into codons (an aligned sequence read with its gaps would shift every
-   following codon) and counted in `gap_characters`; `U` read as `T`. Any letter outside
-   the nucleotide IUPAC alphabet (A C G T U R Y S W K M B D H V N) stops with an error
-   naming the file and record; when many letters are amino-acid-only (E F I L P Q ...),
-   the error says the file looks like protein.
-3. Frame: `frame="0"` reads codons from the first base (upstream GenSLM) and drops a
-   trailing partial codon (counted in `partial_codons`). `frame="orf"` keeps the longest
-   forward-strand open reading frame: an in-frame `ATG` up to and *including* the first
-   in-frame stop codon (TAA, TAG, TGA); ties go to the earliest start. The stop is kept
-   because a CDS ends with it (the bundled H3N2 HA records hold a 566-residue protein, so
-   their ORF is 567 codons). Records without a complete ORF are skipped.
-4. Ambiguity (`on_ambiguous`): a codon holding an IUPAC code (N, R, Y, ...) becomes
-   `[UNK]` and is counted (`unk`), drops its record (`skip-record`), or stops with an error
-   naming the file, record and position (`error`). Only codons that are kept count.
-5. Windows: a record longer than `max_length` codons becomes several examples of at most
-   `max_length` codons, consecutive ones sharing `window_overlap` codons; the last window
-   may be shorter. Nothing is truncated.
+   following codon) and counted in `gap_characters`; RNA `U` read as `T` and counted in
+   `u_to_t` (upstream GenSLM makes a codon holding `U` an `[UNK]`: dstrain deliberately
+   reads RNA as its DNA codons). A letter outside the nucleotide IUPAC alphabet
+   (A C G T U R Y S W K M B D H V N): `X`, `*`, a digit, another letter (`on_invalid`):
+   - `error` (default) stops with an error naming the file, record and position;
+   - `unk` keeps it in place as one base, so the codon holding it becomes `[UNK]`
+     (counted in `invalid_codons`), as upstream's WordLevel tokenizer does with any word
+     outside its vocabulary. One exception, kept on purpose: upstream's `Whitespace`
+     pre-tokenizer also splits a word at punctuation, so a codon holding `*` (or another
+     non-word character) is 2-3 `[UNK]` tokens there, shifting the positions after it;
+     dstrain keeps one token per codon;
+   - `skip-record` leaves the record out, listed with the first such letter.
+   A record where many letters are amino-acid-only (E F I L P Q ..., over 10%) looks like
+   protein: an error under `error` and `unk` (turning a protein into `[UNK]` codons would
+   train on noise), skipped with reason "looks like protein" under `skip-record`.
+3. Frame: `frame="0"` reads codons from the first base (upstream GenSLM). A trailing
+   partial codon (1-2 bases, counted in `partial_codons`) is dropped (`partial_codon="drop"`)
+   or kept as one `[UNK]` token at the record's end, whatever its letters
+   (`partial_codon="unk"`): upstream's `group_by_kmer` leaves a 1-2 letter word that its
+   WordLevel tokenizer maps to `[UNK]`, attended and in the loss. `frame="orf"` keeps the
+   longest forward-strand open reading frame: an in-frame `ATG` up to and *including* the
+   first in-frame stop codon (TAA, TAG, TGA); ties go to the earliest start. The stop is
+   kept because a CDS ends with it (the bundled H3N2 HA records hold a 566-residue
+   protein, so their ORF is 567 codons). Records without a complete ORF are skipped. An
+   ORF has no partial codon, so `frame="orf"` with `partial_codon="unk"` is refused.
+4. Long records (`long_records`): `window` (default) cuts a record longer than
+   `max_length` codons into several examples of at most `max_length` codons, consecutive
+   ones sharing `window_overlap` codons, the last one maybe shorter; nothing is lost.
+   `truncate` keeps its first `max_length` codons only (upstream's tokenizer call with
+   `truncation=True`); the records cut and the codons dropped are counted in
+   `truncated_records` and `truncated_codons`.
+5. Ambiguity (`on_ambiguous`): a codon holding an IUPAC code (N, R, Y, ...) becomes
+   `[UNK]` and is counted (`unk`, upstream's behaviour), drops its record (`skip-record`),
+   or stops with an error naming the file, record and position (`error`). Only codons that
+   are kept count (not those cut by `truncate`, nor the partial codon).
+
+With `frame="0"`, `partial_codon="unk"` and the other defaults, the codon ids of a record
+are exactly upstream's `input_ids` before padding, for every bundled record (checked by
+tests/test_parity.py); `--padding max_length --loss-on-pad` then gives upstream's batches.
+Upstream keeps gap characters as letters (shifting the codons after them) and leaves
+records of fewer than 3 bases as one `[UNK]`; dstrain removes gaps and skips such records.
 
 Records with no sequence, with fewer than 3 bases, or dropped by the policies above are
 listed in the report with a reason. Records whose ID repeats one seen earlier in the file
@@ -143,7 +168,8 @@ class FileReport:
     """What reading one FASTA file did; `to_dict()` is its JSON form.
 
     Codon counts are of codons kept for training (before windowing); skipped records
-    contribute to `records` and `skipped_records` only.
+    contribute to `records`, `skipped_records` and the cleaning counts (`gap_characters`,
+    `u_to_t`, `empty_records`) only.
     """
 
     path: str
@@ -155,8 +181,11 @@ class FileReport:
     """Codon tokens kept, `[UNK]` included."""
     unknown_codons: int = 0
     """Kept codons holding an IUPAC ambiguity code, encoded as `[UNK]`."""
+    invalid_codons: int = 0
+    """Kept codons holding a letter outside IUPAC, encoded as `[UNK]` (`on_invalid` unk)."""
     partial_codons: int = 0
-    """Trailing partial codons (1-2 bases) dropped, one per record at most (frame 0)."""
+    """Kept records ending in a partial codon (1-2 bases, frame 0): dropped under
+    `partial_codon` drop, one `[UNK]` under unk (unless `truncate` cut it off)."""
     empty_records: int = 0
     """Records with no sequence at all (also counted in `skipped_records`)."""
     skipped_records: int = 0
@@ -169,10 +198,16 @@ class FileReport:
     """The first `MAX_LISTED` repeated IDs."""
     gap_characters: int = 0
     """`-` and `.` removed before codon splitting."""
+    u_to_t: int = 0
+    """RNA `U` bases read as `T`."""
     bases_outside_orf: int = 0
     """Bases before and after the kept ORF (frame `orf` only)."""
     windows: int = 0
     """Training examples made from this file's records (1 per record up to `max_length`)."""
+    truncated_records: int = 0
+    """Records cut to `max_length` codons (`long_records` truncate)."""
+    truncated_codons: int = 0
+    """Codons those cuts dropped (not in `codons`)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,8 +291,8 @@ def read_fasta(path: Path, settings: DataSettings) -> tuple[list[CodonRecord], F
     """All kept records of a FASTA file as codon ids, and the file's report.
 
     Raises `DstrainError` naming the file (and record) when the file is missing, empty,
-    not FASTA, holds protein or invalid characters, holds an ambiguous codon under
-    `on_ambiguous="error"`, or has no usable record.
+    not FASTA, holds protein, holds invalid characters under `on_invalid="error"`, holds
+    an ambiguous codon under `on_ambiguous="error"`, or has no usable record.
     """
     report = FileReport(path=str(path))
     records = list(iter_codon_records(path, settings, report))
@@ -299,7 +334,7 @@ def iter_codon_records(
                 f"looks truncated or corrupt; download or decompress it again."
             ) from exc
     if report.kept_records == 0:
-        reasons = sorted({s.reason.split(" at ")[0] for s in report.skipped})
+        reasons = sorted({s.reason.split(" at ")[0].split(" (")[0] for s in report.skipped})
         raise DstrainError(
             f"{path}: no usable records: all {report.records} were skipped "
             f"({'; '.join(reasons)}). Check that the file holds nucleotide coding sequences"
@@ -307,6 +342,11 @@ def iter_codon_records(
             + (
                 " or --on-ambiguous unk"
                 if settings.on_ambiguous == "skip-record" and any("ambiguous" in r for r in reasons)
+                else ""
+            )
+            + (
+                " or --on-invalid unk"
+                if settings.on_invalid == "skip-record" and any("invalid" in r for r in reasons)
                 else ""
             )
             + "."
@@ -327,13 +367,18 @@ def _encode_record(
     settings: DataSettings,
     report: FileReport,
 ) -> np.ndarray | None:
-    """Codon ids of one record after cleaning, frame and ambiguity policy; None if skipped."""
+    """Codon ids of one record after cleaning, frame and the policies; None if skipped."""
     if not raw:
         report.empty_records += 1
         _skip(report, record_id, "empty sequence")
         return None
-    seq, num_gaps = _clean_sequence(raw, path, label)
+    try:
+        seq, invalid, num_gaps, num_u = _clean_sequence(raw, path, label, settings.on_invalid)
+    except _SkipRecord as skip:
+        _skip(report, record_id, str(skip))
+        return None
     report.gap_characters += num_gaps
+    report.u_to_t += num_u
     if len(seq) < 3:
         _skip(report, record_id, f"shorter than one codon ({len(seq)} bases)")
         return None
@@ -344,13 +389,27 @@ def _encode_record(
             _skip(report, record_id, "no ATG...stop open reading frame")
             return None
         start, end = orf
-        report.bases_outside_orf += len(seq) - (end - start)
     else:
         start, end = 0, len(seq) - len(seq) % 3
-        report.partial_codons += int(end < len(seq))
     ids = encode_sequence(seq[start:end])
+    # [UNK] codons that hold no ambiguity code: a letter outside IUPAC, the partial codon.
+    invalid_codon = np.zeros(len(ids), dtype=bool)
+    inside = invalid[(invalid >= start) & (invalid < end)]
+    invalid_codon[(inside - start) // 3] = True
+    partial_unk = np.zeros(len(ids), dtype=bool)
+    has_partial = settings.frame == "0" and end < len(seq)
+    if has_partial and settings.partial_codon == "unk":
+        ids = np.append(ids, np.uint8(UNK_ID))
+        invalid_codon = np.append(invalid_codon, False)
+        partial_unk = np.append(partial_unk, True)
+    cut = 0
+    if settings.long_records == "truncate" and len(ids) > settings.max_length:
+        cut = len(ids) - settings.max_length
+        ids = ids[: settings.max_length]
+        invalid_codon = invalid_codon[: settings.max_length]
+        partial_unk = partial_unk[: settings.max_length]
 
-    unknown = np.flatnonzero(ids == UNK_ID)
+    unknown = np.flatnonzero((ids == UNK_ID) & ~invalid_codon & ~partial_unk)
     if len(unknown) and settings.on_ambiguous != "unk":
         codon_start = start + 3 * int(unknown[0])
         codon = seq[codon_start : codon_start + 3].decode()
@@ -366,11 +425,32 @@ def _encode_record(
             f"[UNK] or --on-ambiguous skip-record to leave these records out."
         )
     report.unknown_codons += len(unknown)
+    report.invalid_codons += int(np.count_nonzero(invalid_codon))
+    report.partial_codons += int(has_partial)
+    if settings.frame == "orf":
+        report.bases_outside_orf += len(seq) - (end - start)
+    report.truncated_records += int(cut > 0)
+    report.truncated_codons += cut
     return ids
 
 
-def _clean_sequence(raw: bytes, path: Path, label: str) -> tuple[bytes, int]:
-    """Uppercased sequence without whitespace and gaps, U as T; and the gap count."""
+class _SkipRecord(Exception):
+    """A record left out under `on_invalid="skip-record"`; the message is the reason."""
+
+
+def _clean_sequence(
+    raw: bytes, path: Path, label: str, on_invalid: str
+) -> tuple[bytes, np.ndarray, int, int]:
+    """The cleaned sequence, the positions in it of letters outside IUPAC, gap and U counts.
+
+    Cleaned: uppercased, whitespace and gaps removed, U as T. Letters outside IUPAC stay
+    in place under `on_invalid="unk"`; otherwise they raise `DstrainError` (`error`) or
+    `_SkipRecord` (`skip-record`). A protein-looking record raises under `error` and `unk`.
+    """
+    if on_invalid == "unk" and not raw.isascii():
+        # One position per character, as upstream reads text: 'é' is one [UNK] letter, not
+        # two bytes (each non-Latin-1 character becomes '?', also outside IUPAC).
+        raw = raw.decode("utf-8", "replace").encode("latin-1", "replace")
     data = np.frombuffer(raw.upper(), dtype=np.uint8)
     cls = _CLASS[data]
     bad = np.flatnonzero(cls >= _PROTEIN)
@@ -381,26 +461,46 @@ def _clean_sequence(raw: bytes, path: Path, label: str) -> tuple[bytes, int]:
         num_letters = int(np.count_nonzero(cls != _SPACE))
         num_protein = int(np.count_nonzero(cls == _PROTEIN))
         if num_protein > _PROTEIN_SHARE * num_letters:
+            if on_invalid == "skip-record":
+                raise _SkipRecord(
+                    f"looks like protein ({num_protein} of {num_letters} letters are "
+                    f"amino-acid codes)"
+                )
             raise DstrainError(
                 f"{path}: {label} looks like a protein sequence, not nucleotides: "
                 f"{num_protein} of its {num_letters} letters (first {char} at position "
                 f"{first + 1}) are amino-acid codes outside the nucleotide IUPAC alphabet "
                 f"(A C G T U R Y S W K M B D H V N). GenSLM reads codons, so it needs the "
-                f"nucleotide (DNA/RNA) coding sequences; use the CDS/nucleotide FASTA instead."
+                f"nucleotide (DNA/RNA) coding sequences; use the CDS/nucleotide FASTA instead"
+                + (
+                    " (--on-invalid unk is for stray letters, not proteins; --on-invalid "
+                    "skip-record leaves protein records out)."
+                    if on_invalid == "unk"
+                    else "."
+                )
             )
-        fix = (
-            "Remove the position numbers from the sequence lines (GenBank ORIGIN style)."
-            if chr(byte).isdigit()
-            else "Fix or remove that record."
-        )
-        raise DstrainError(
-            f"{path}: {label} has {char} at position {first + 1}, which is not a "
-            f"nucleotide IUPAC code (A C G T U R Y S W K M B D H V N) or a gap (- .). {fix}"
-        )
+        where = f"{char} at position {first + 1}"
+        if on_invalid == "skip-record":
+            raise _SkipRecord(f"invalid character {where} ({len(bad)} outside IUPAC)")
+        if on_invalid == "error":
+            fix = (
+                "Remove the position numbers from the sequence lines (GenBank ORIGIN style)."
+                if chr(byte).isdigit()
+                else "Fix or remove that record, or use --on-invalid unk (its codon becomes "
+                "[UNK], as in upstream GenSLM) or --on-invalid skip-record (such records are "
+                "left out)."
+            )
+            raise DstrainError(
+                f"{path}: {label} has {where}, which is not a nucleotide IUPAC code "
+                f"(A C G T U R Y S W K M B D H V N) or a gap (- .). {fix}"
+            )
+    kept = (cls != _SPACE) & (cls != _GAP)
+    kept_cls = cls[kept]
+    seq = data[kept].copy()
+    seq[kept_cls == _URACIL] = ord("T")
+    invalid = np.flatnonzero(kept_cls >= _PROTEIN)
     num_gaps = int(np.count_nonzero(cls == _GAP))
-    keep = data[cls <= _AMBIGUOUS].copy()
-    keep[keep == ord("U")] = ord("T")
-    return keep.tobytes(), num_gaps
+    return seq.tobytes(), invalid, num_gaps, int(np.count_nonzero(kept_cls == _URACIL))
 
 
 # --------------------------------------------------------------------------------------

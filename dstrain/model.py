@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import pickle
@@ -44,7 +45,7 @@ from dstrain.architectures import (
     names_with_shape,
     resolve_architecture,
 )
-from dstrain.codons import CLS_ID, PAD_ID, SEP_ID
+from dstrain.codons import PAD_ID, SPECIAL_TOKENS, TOKEN_TO_ID, UNK_ID
 from dstrain.errors import DstrainError
 from dstrain.publish import publish_dir
 
@@ -60,6 +61,9 @@ Lightning module (`self.model`)."""
 UPSTREAM_DROPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 """Buffers old transformers saved with the weights; transformers 5 recomputes them."""
 
+UPSTREAM_BOS_EOS_ID = UNK_ID
+"""bos and eos of upstream's GPT-NeoX configs: 0, the [UNK] token."""
+
 _SHOWN = 8  # tensors listed per kind in a mismatch report
 
 
@@ -72,8 +76,10 @@ def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
     """The transformers config for `arch`: GenSLM's settings, codon special ids, fp32.
 
     Dropout only as `arch` gives it: 0 for every registered architecture (upstream's
-    `*_dropout_prob` keys never reached GPT-NeoX). bos/eos/pad are
-    the codon vocabulary's [CLS]=1, [SEP]=2, [PAD]=3 (upstream wrote 0, its [UNK]).
+    `*_dropout_prob` keys never reached GPT-NeoX). bos/eos are 0 ([UNK]) as in upstream's
+    configs, so `generate()` without a prompt starts where upstream's does; pad is [PAD]=3.
+    The exported generation settings (`generation_config`) keep every special token,
+    these included, out of sampled sequences.
     """
     try:
         return GPTNeoXConfig(
@@ -93,8 +99,8 @@ def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
             attention_bias=True,
             attention_dropout=arch.attention_dropout,
             hidden_dropout=arch.hidden_dropout,
-            bos_token_id=CLS_ID,
-            eos_token_id=SEP_ID,
+            bos_token_id=UPSTREAM_BOS_EOS_ID,
+            eos_token_id=UPSTREAM_BOS_EOS_ID,
             pad_token_id=PAD_ID,
             dtype="float32",
         )
@@ -112,6 +118,25 @@ def gpt_neox_config(arch: GenSLMArchitecture) -> GPTNeoXConfig:
         else:
             message += " Check the architecture's numbers."
         raise DstrainError(message) from exc
+
+
+def generation_config(config: GPTNeoXConfig) -> transformers.GenerationConfig:
+    """Generation settings saved with every export (`generation_config.json`).
+
+    bos/eos/pad as in `config` (0/0/3, upstream's), and `suppress_tokens` = every special
+    token ([UNK], [CLS], [SEP], [PAD], [MASK]): their logits are set to -inf before
+    sampling, so upstream's README call (`model.generate(prompt, max_length=..., do_sample=
+    True, top_k=50, top_p=0.95, ...)`) only ever samples codons. (`bad_words_ids` would not
+    do: transformers drops the eos id, 0 here, from the bad words.) With eos suppressed,
+    generation runs to `max_length`, which is what upstream's call asks for anyway
+    (`min_length` = `max_length`).
+    """
+    return transformers.GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        suppress_tokens=sorted(TOKEN_TO_ID[t] for t in SPECIAL_TOKENS),
+    )
 
 
 @contextlib.contextmanager
@@ -141,6 +166,7 @@ def build_model(
     config = gpt_neox_config(arch)
     with torch.device(device), _default_dtype(torch.float32):
         model = GPTNeoXForCausalLM(config)
+    model.generation_config = generation_config(config)  # written by save_pretrained
     check_param_count(model, arch)
     return model
 
@@ -283,11 +309,96 @@ def read_upstream_state_dict(
         raise DstrainError(f"checkpoint {path} does not exist. Check the path.")
     if path.is_dir():
         raise DstrainError(
-            f"checkpoint {path} is a directory; upstream checkpoints are single .pt files. "
-            "(An HF model directory is read by --init-checkpoint and convert-checkpoint.)"
+            f"checkpoint {path} is a directory; this reads single .pt files. (HF model "
+            "directories and upstream DeepSpeed checkpoint directories are read by "
+            "--init-checkpoint and convert-checkpoint.)"
         )
     obj = _torch_load(path, trust_checkpoint=trust_checkpoint)
     return normalize_state_dict_keys(_find_tensors(obj, path), source=f"checkpoint {path}")
+
+
+def find_deepspeed_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, str, bool] | None:
+    """(checkpoint dir, tag, written by dstrain train) when `path` is a DeepSpeed checkpoint
+    directory, else None.
+
+    `path` is a directory holding `latest` and the tag it names (what DeepSpeed's
+    `save_checkpoint(dir)` writes, and what upstream GenSLM's Lightning DeepSpeedStrategy
+    wrote as `NAME.ckpt/` with the tag `checkpoint`), one tag directory (holding
+    `mp_rank_00_model_states.pt`), or a dstrain run directory (`checkpoints/` inside).
+    dstrain's own are told apart by their manifest, checkpoints.json, run layout or
+    `stepNNNNNNNN` tag names (upstream's tag is `checkpoint`, DeepSpeed's `global_stepN`).
+    """
+    from dstrain.checkpoints import INDEX_NAME, MANIFEST_NAME, read_latest
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (
+        (path / "checkpoints").is_dir()
+        or (path / INDEX_NAME).exists()
+        or path.name == "checkpoints"
+    ):
+        return path, "", True  # a dstrain run or its checkpoints/ (tag not needed here)
+    if (path / "latest").exists():
+        tag, problem = read_latest(path)
+        if problem or tag is None:
+            raise DstrainError(
+                f"{path} looks like a DeepSpeed checkpoint directory but its `latest` file is "
+                f"unusable: {problem}. Pass the tag directory inside it (the one holding "
+                "mp_rank_00_model_states.pt) instead."
+            )
+        ckpt_dir = path
+    elif any(path.glob("*mp_rank_*_model_states.pt")):
+        ckpt_dir, tag = path.parent, path.name
+    else:
+        return None
+    dstrain_made = (
+        (ckpt_dir / INDEX_NAME).exists()
+        or (ckpt_dir / tag / MANIFEST_NAME).exists()
+        or re.fullmatch(r"step\d+", tag) is not None  # dstrain's tag names, older runs too
+    )
+    return ckpt_dir, tag, dstrain_made
+
+
+def read_deepspeed_state_dict(
+    ckpt_dir: Path, tag: str, *, trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """fp32 weights of a foreign DeepSpeed ZeRO 1-3 checkpoint (e.g. upstream GenSLM's
+    Lightning + DeepSpeed runs), consolidated by DeepSpeed's own zero_to_fp32, keys
+    normalized (`_forward_module.model.` / `module.model.` stripped, `embed_out` ->
+    `lm_head`, old buffers dropped).
+
+    zero_to_fp32 unpickles every file in full and such a directory has no dstrain
+    manifest to check first, so it is read only with `trust_checkpoint`.
+    """
+    where = ckpt_dir / tag
+    if not trust_checkpoint:
+        raise DstrainError(
+            f"{where} is a DeepSpeed checkpoint that dstrain did not write (no "
+            "dstrain_manifest.json), such as upstream GenSLM's Lightning + DeepSpeed "
+            "`NAME.ckpt/` directories. Consolidating it runs DeepSpeed's zero_to_fp32, which "
+            "unpickles every file in full and can run code hidden in them. If it comes from "
+            "a source you trust, pass --trust-checkpoint (trust_checkpoint=True in Python)."
+        )
+    if not any(where.glob("*optim_states.pt")):
+        raise DstrainError(
+            f"{where} holds no ZeRO optimizer states (*optim_states.pt): it is incomplete, "
+            "or a ZeRO stage 0 checkpoint, whose fp32 weights DeepSpeed's zero_to_fp32 "
+            "cannot consolidate. Copy the whole directory, or convert it with the tool that "
+            "wrote it into a .pt file and pass that."
+        )
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as exc:  # zero_to_fp32 raises many types for a damaged directory
+        raise DstrainError(
+            f"DeepSpeed's zero_to_fp32 cannot consolidate {where}: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}. Is every rank's file there, copied "
+            "completely?"
+        ) from exc
+    return normalize_state_dict_keys(state, source=f"DeepSpeed checkpoint {where}")
 
 
 def read_hf_state_dict(
@@ -410,7 +521,9 @@ def load_init_checkpoint(
     *,
     trust_checkpoint: bool = False,
 ) -> GPTNeoXForCausalLM:
-    """Load starting weights from an upstream `.pt` file or an HF model directory.
+    """Load starting weights from an upstream `.pt` file, an HF model directory, or a
+    DeepSpeed checkpoint directory dstrain did not write (upstream GenSLM's; needs
+    `trust_checkpoint`, see `read_deepspeed_state_dict`).
 
     Given an architecture (or name) instead of a model, builds the model on the CPU after
     the checkpoint has been read (so a bad file fails before a slow build). An HF
@@ -422,15 +535,20 @@ def load_init_checkpoint(
     path = Path(path)
     if not path.exists():
         raise DstrainError(f"initial checkpoint {path} does not exist. Check the path.")
-    if path.is_dir():
-        if not (path / "config.json").exists() and (
-            (path / "latest").is_file() or (path / "checkpoints").is_dir()
-        ):
+    deepspeed_dir = None
+    if path.is_dir() and not (path / "config.json").exists():
+        deepspeed_dir = find_deepspeed_checkpoint(path)
+        if deepspeed_dir is not None and deepspeed_dir[2]:
             raise DstrainError(
                 f"{path} is a dstrain training checkpoint, not a model directory (no "
                 f"config.json). Export it first (`dstrain export {path} -o DIR`) and pass "
                 "DIR, or continue that run with `dstrain train --resume`."
             )
+    if deepspeed_dir is not None:
+        ckpt_dir, tag, _ = deepspeed_dir
+        state = read_deepspeed_state_dict(ckpt_dir, tag, trust_checkpoint=trust_checkpoint)
+        source = f"DeepSpeed checkpoint {ckpt_dir / tag}"
+    elif path.is_dir():
         found = architecture_from_hf_config(path)
         diffs = arch.differences(found)
         if diffs:
@@ -448,6 +566,59 @@ def load_init_checkpoint(
     model = model_or_arch if is_model else build_model(arch)
     load_state_dict_strictly(model, state, source=source)
     return model
+
+
+# --------------------------------------------------------------------------------------
+# Writing upstream's layout
+# --------------------------------------------------------------------------------------
+
+UPSTREAM_PT_NAME = "genslm_upstream.pt"
+"""File name of the upstream-layout weights `dstrain export --format upstream` adds."""
+
+
+def upstream_state_dict(model: GPTNeoXForCausalLM) -> dict[str, torch.Tensor]:
+    """`model`'s weights keyed and laid out as transformers 4.21's GPTNeoXForCausalLM
+    (upstream GenSLM's) state dict: head `embed_out`, and per layer the buffers it saved,
+    with the values it computed: `attention.bias` (the causal mask, lower-triangular ones,
+    uint8, (1, 1, P, P) for P positions; one tensor shared by every layer, so the file
+    holds it once), `attention.masked_bias` (-1e9) and `attention.rotary_emb.inv_freq`
+    (1 / base^(2i/d) over the d rotary dimensions). fp32, on the CPU, in 4.21's order.
+    """
+    config = model.config
+    arch = architecture_of(model)
+    positions = config.max_position_embeddings
+    causal = torch.tril(torch.ones((positions, positions), dtype=torch.uint8))
+    causal = causal.view(1, 1, positions, positions)
+    head_size = arch.hidden_size // arch.num_heads
+    rotary_dims = int(head_size * arch.rotary_pct)
+    exponents = torch.arange(0, rotary_dims, 2, dtype=torch.int64).float() / rotary_dims
+    inv_freq = 1.0 / (arch.rotary_emb_base**exponents)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        match = re.fullmatch(r"(gpt_neox\.layers\.\d+\.attention\.)query_key_value\.weight", key)
+        if match:  # 4.21 registered these before the attention's linear layers
+            out[match.group(1) + "bias"] = causal
+            out[match.group(1) + "masked_bias"] = torch.tensor(-1e9)
+            out[match.group(1) + "rotary_emb.inv_freq"] = inv_freq.clone()
+        if key.startswith("lm_head."):
+            key = "embed_out." + key.removeprefix("lm_head.")
+        out[key] = tensor.detach().to("cpu", torch.float32).clone()
+    return out
+
+
+def save_upstream_pt(model: GPTNeoXForCausalLM, path: str | os.PathLike[str]) -> Path:
+    """Write `{"state_dict": upstream_state_dict(model)}` to `path` (atomically): the file
+    upstream's `genslm.GenSLM` class reads (`torch.load(path)["state_dict"]` loaded into a
+    transformers GPTNeoXForCausalLM, so the keys carry no `model.` prefix; every key
+    matches a 4.21 model's, none is missing). Tensors only: `torch.load(weights_only=True)`
+    and dstrain's `read_upstream_state_dict` read it without --trust-checkpoint."""
+    from dstrain.publish import write_file_atomic
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": upstream_state_dict(model)}, buffer)
+    write_file_atomic(path, buffer.getvalue())
+    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -493,7 +664,8 @@ def convert_checkpoint(
     trust_checkpoint: bool = False,
     overwrite: bool = False,
 ) -> ConvertedCheckpoint:
-    """Write `src` (upstream `.pt` or HF directory) as an HF model directory `out_dir`.
+    """Write `src` (upstream `.pt`, upstream DeepSpeed checkpoint directory, or HF
+    directory) as an HF model directory `out_dir`.
 
     The directory holds `model.safetensors` (fp32), `config.json`,
     `generation_config.json` and the codon tokenizer, and loads with

@@ -8,8 +8,11 @@ Layout of a cache directory (1 byte per codon: the 69-token vocabulary fits in u
     val_tokens.bin, val_offsets.npy
 
 `prepare_dataset` reuses a cache whose manifest names the same format, vocabulary, input
-file hashes (in the same order) and token-shaping settings; `padding` and `loss_on_pad`
-act at batch time and do not invalidate it. Otherwise it rebuilds into a temporary sibling
+file hashes (in the same order) and token-shaping settings (every DataSettings field, so
+`partial_codon`, `long_records` and `on_invalid` too); `padding` and `loss_on_pad` act at
+batch time and do not invalidate it. A cache written before a settings field existed
+lacks it in its manifest, so it no longer matches and is rebuilt once (its report also
+lacks the newer counters); `load_prepared` still opens it. Otherwise it rebuilds into a temporary sibling
 directory, writes `manifest.json` last, and publishes it with `dstrain.publish.publish_dir`
 (fsync, then rename into place), so an interrupted prepare leaves either the old cache or
 none, never a half one that looks valid (a killed run may leave a `.NAME.partial-*`
@@ -183,21 +186,21 @@ def format_summary(prepared: PreparedData, elapsed_s: float | None = None) -> st
     else:
         took = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
         head = f"built cache {prepared.cache_dir}{took}"
+    settings = prepared.manifest["settings"]
     lines = [head]
     for file_report in report["files"]:
-        lines.append(f"  {Path(file_report['path']).name}: {_counts_line(file_report)}")
+        lines.append(f"  {Path(file_report['path']).name}: {_counts_line(file_report, settings)}")
         lines.extend(
             f"    skipped '{s['record_id']}': {s['reason']}" for s in file_report["skipped"][:5]
         )
         if file_report["skipped_records"] > 5:
             lines.append(f"    ... and {file_report['skipped_records'] - 5} more (see --json)")
-    lines.append(f"  total: {_counts_line(report)}")
+    lines.append(f"  total: {_counts_line(report, settings)}")
     if report["ids_in_several_files"]:
         lines.append(
             f"  {len(report['ids_in_several_files'])} record ID(s) occur in several files "
             f"(kept; same split): {', '.join(report['ids_in_several_files'][:3])}"
         )
-    settings = prepared.manifest["settings"]
     for split in SPLITS:
         counts = report[split]
         lines.append(
@@ -400,10 +403,21 @@ def _load(cache_dir: Path, manifest: dict[str, Any], *, reused: bool) -> Prepare
     )
 
 
-def _counts_line(counts: dict[str, Any]) -> str:
-    return (
+def _counts_line(counts: dict[str, Any], settings: dict[str, Any]) -> str:
+    """One line of counts; caches from before a counter existed show it as 0."""
+    partial = "as [UNK]" if settings.get("partial_codon") == "unk" else "dropped"
+    line = (
         f"{counts['records']:,} records, {counts['codons']:,} codons, "
         f"{counts['unknown_codons']:,} unknown ([UNK]), "
-        f"{counts['partial_codons']:,} partial codons dropped, "
-        f"{counts['skipped_records']:,} skipped"
+        f"{counts['partial_codons']:,} partial codons {partial}, "
+        f"{counts['skipped_records']:,} skipped, "
+        f"{counts['gap_characters']:,} gaps removed, {counts.get('u_to_t', 0):,} U read as T"
     )
+    if settings.get("on_invalid") == "unk":
+        line += f", {counts.get('invalid_codons', 0):,} codons with invalid letters ([UNK])"
+    if settings.get("long_records") == "truncate":
+        line += (
+            f", {counts.get('truncated_records', 0):,} records truncated "
+            f"({counts.get('truncated_codons', 0):,} codons cut)"
+        )
+    return line

@@ -73,7 +73,7 @@ class DataSettings(_Node):
 
     max_length: int = Field(default=2048, ge=8, le=2**20)
     """Longest example in codon tokens (GenSLM's context is 2048). Longer records are cut
-    into windows of this size instead of being truncated."""
+    into windows of this size, or truncated to it (see `long_records`)."""
     # le=2**20 (3 Mb, far above any gene): `--padding max_length` pads every example to
     # it, and 2**63-1 failed in torch's allocator with a traceback.
 
@@ -95,6 +95,19 @@ class DataSettings(_Node):
     """Count padding positions in the loss (upstream GenSLM does; wrong, kept for
     reproducing old numbers). By default pad labels are -100 and ignored."""
 
+    partial_codon: Literal["drop", "unk"] = "drop"
+    """A trailing 1-2 base remainder (frame 0): `drop` it (counted), or keep it as one
+    `[UNK]` token at the end of the record, as upstream GenSLM's tokenizer does."""
+
+    long_records: Literal["window", "truncate"] = "window"
+    """A record longer than `max_length` codons: cut it into windows, or keep only its first
+    `max_length` codons (upstream GenSLM's truncation; the cut codons are counted)."""
+
+    on_invalid: Literal["error", "unk", "skip-record"] = "error"
+    """A letter outside the nucleotide IUPAC alphabet (X, *, digits, ...): stop with an
+    error, encode its codon as `[UNK]` (counted; upstream GenSLM's behaviour), or leave the
+    record out (listed with the reason). Protein-looking records are never encoded."""
+
     @model_validator(mode="after")
     def _check_windows(self) -> DataSettings:
         if self.window_overlap >= self.max_length:
@@ -102,6 +115,18 @@ class DataSettings(_Node):
                 f"--window-overlap ({self.window_overlap}) must be smaller than --max-length "
                 f"({self.max_length}): each window adds max_length - window_overlap new "
                 f"codons. Lower --window-overlap (for example to {self.max_length // 4})"
+            )
+        if self.long_records == "truncate" and self.window_overlap:
+            raise ValueError(
+                f"--window-overlap ({self.window_overlap}) applies to --long-records window "
+                f"only; --long-records truncate makes one example per record. Drop "
+                f"--window-overlap or use --long-records window"
+            )
+        if self.frame == "orf" and self.partial_codon == "unk":
+            raise ValueError(
+                "--partial-codon unk applies to --frame 0 only: an ORF is whole codons from "
+                "ATG to its stop, so it has no trailing partial codon. Drop --partial-codon "
+                "or use --frame 0"
             )
         return self
 
@@ -231,25 +256,37 @@ class OptimizerSettings(_Node):
 
 
 class SchedulerSettings(_Node):
-    """Learning-rate schedule (DeepSpeed's `scheduler` block)."""
+    """Learning-rate schedule (DeepSpeed's `scheduler` block).
+
+    DeepSpeed's schedules are functions of an iteration i, 0 at the start of training.
+    `dstrain train` runs optimizer step k (from 1) at i = k (DeepSpeed alone runs it at
+    k - 2, the first two steps at warmup_min_lr), so no step runs at warmup_min_lr, and it
+    gives WarmupDecayLR total_num_steps + 1, so a run of total_num_steps steps ends just
+    above warmup_min_lr. The same holds for a --deepspeed_config file with these schedules.
+    """
 
     type: Literal["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"] = "WarmupLR"
-    """`WarmupLR` warms up then holds; `WarmupDecayLR` warms up then decays linearly to 0
-    at total_num_steps; `WarmupCosineLR` warms up then follows a cosine to
-    cos_min_ratio x lr; `none` keeps lr constant."""
+    """`WarmupLR` warms up then holds; `WarmupDecayLR` warms up then decays linearly to
+    warmup_min_lr just after total_num_steps; `WarmupCosineLR` warms up then follows a
+    cosine to cos_min_ratio x lr (reached at step total_num_steps - 1); `none` keeps lr
+    constant."""
 
     warmup_num_steps: int = Field(default=100, ge=1)
-    """Optimizer steps of warm-up (1: none; DeepSpeed's schedulers refuse 0 at
+    """Optimizer steps of warm-up: step k runs at k / warmup_num_steps of the way up
+    (linear), lr from this step on (DeepSpeed counts 1 as 2, and refuses 0 at
     deepspeed.initialize)."""
 
     warmup_min_lr: float = Field(default=0.0, ge=0.0)
-    """Learning rate at step 0 (WarmupLR, WarmupDecayLR)."""
+    """Learning rate the warm-up starts from (WarmupLR, WarmupDecayLR); no step runs at
+    it, the first one is already a step up."""
 
     warmup_type: Literal["linear", "log"] = "linear"
     """Shape of the warm-up ramp."""
 
     total_num_steps: int | None = Field(default=None, ge=1)
-    """Length of the schedule in optimizer steps (WarmupDecayLR, WarmupCosineLR)."""
+    """Length of the schedule in optimizer steps (WarmupDecayLR, WarmupCosineLR), usually
+    the run's: steps past it run at the end value (warmup_min_lr, cos_min_ratio x lr);
+    `dstrain train` warns when that is 0."""
 
     warmup_min_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     """WarmupCosineLR: starting lr as a fraction of the peak."""
@@ -615,7 +652,8 @@ class TrainSettings(_Node):
     that checkpoint directory."""
 
     init_checkpoint: str | None = None
-    """Starting weights: an official GenSLM .pt file or an HF model directory."""
+    """Starting weights: an official GenSLM .pt file, an HF model directory, or an upstream
+    GenSLM DeepSpeed checkpoint directory (consolidated with DeepSpeed's zero_to_fp32)."""
 
     trust_checkpoint: bool = False
     """Allow full unpickling of --init-checkpoint (official GenSLM files need it), and

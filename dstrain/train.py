@@ -26,6 +26,22 @@ floor(epochs x micro-batches per epoch / accumulation) optimizer steps: the few
 micro-batches left at the end of the final epoch (less than one window) are not used,
 never stepped with a wrong scale, and the banner says how many. With --max-steps the
 stream simply runs on until that step.
+
+Learning rate: DeepSpeed's WarmupLR, WarmupDecayLR and WarmupCosineLR are functions of an
+iteration count i: they warm up from warmup_min_lr (WarmupCosineLR: warmup_min_ratio x lr)
+at i = 0 to lr at i = warmup_num_steps, and the decaying two fall to their end value at
+total_num_steps (WarmupCosineLR already at total_num_steps - 1). Left to itself DeepSpeed
+0.19.8 runs optimizer step k (from 1) at i = k - 2 (the constructor sets the i = -1 rate,
+the i = 0 one), so with warmup_min_lr 0 the first two steps run at lr 0. dstrain runs step
+k at i = k (`align_lr_schedule`, on a fresh engine; a resume loads the saved i over it and
+never advances it twice): a linear warm-up of W steps runs step k at k / W of the way up
+and reaches lr at step W, and no step runs at warmup_min_lr. So that a
+WarmupDecayLR run of total_num_steps steps does not spend its last step at warmup_min_lr,
+dstrain hands that schedule total_num_steps + 1: it decays from lr at step
+warmup_num_steps to warmup_min_lr just after step total_num_steps. (WarmupCosineLR's last
+steps run at its floor, cos_min_ratio x lr.) Other schedules run as DeepSpeed steps them.
+The `lr` in metrics.jsonl is the rate the optimizer applied in that step, read just before
+`engine.step()`.
 """
 
 from __future__ import annotations
@@ -297,6 +313,60 @@ def same_on_all_ranks(exc: DstrainError) -> DstrainError:
 
 
 # --------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------
+
+
+def warmup_schedule(engine):
+    """The engine's DeepSpeed WarmupLR, WarmupDecayLR or WarmupCosineLR; None for no
+    schedule or any other one (those run as DeepSpeed steps them)."""
+    from deepspeed.runtime import lr_schedules
+
+    schedule = getattr(engine, "lr_scheduler", None)
+    kinds = (lr_schedules.WarmupLR, lr_schedules.WarmupCosineLR)  # WarmupDecayLR: a WarmupLR
+    return schedule if isinstance(schedule, kinds) else None
+
+
+def align_lr_schedule(engine) -> None:
+    """A new engine's warm-up schedule as dstrain runs it (see the module docstring): at
+    the first step's iteration, 1 (DeepSpeed's constructor leaves it at -1 with the
+    iteration-0 rate; a `last_batch_iteration` L in the config starts at L + 2), and a
+    WarmupDecayLR one step longer. Each `engine.step()` then adds 1 and every checkpoint
+    saves the position, which a resume loads over this one (`sync_lr_to_schedule`)."""
+    from deepspeed.runtime import lr_schedules
+
+    schedule = warmup_schedule(engine)
+    if schedule is None:
+        return
+    if isinstance(schedule, lr_schedules.WarmupDecayLR):  # the shape: not in checkpoints
+        schedule.total_num_steps += 1
+    schedule.step(schedule.last_batch_iteration + 2)
+
+
+def sync_lr_to_schedule(engine) -> None:
+    """After a checkpoint load: set the optimizer's rates from the restored schedule
+    position, without moving it (DeepSpeed's load_state_dict restores the position only)."""
+    schedule = warmup_schedule(engine)
+    if schedule is not None:
+        schedule.step(schedule.last_batch_iteration)
+
+
+def scheduled_lr(engine, steps_ahead: int) -> float | None:
+    """The first parameter group's rate `steps_ahead` optimizer steps after the next one
+    (0: the next), read off the warm-up schedule without moving it; None without one.
+    Skipped fp16 steps do not advance the schedule, so they shift this by as many."""
+    schedule = warmup_schedule(engine)
+    if schedule is None:
+        return None
+    now = schedule.last_batch_iteration
+    try:
+        schedule.last_batch_iteration = now + steps_ahead
+        return float(schedule.get_lr()[0])
+    finally:
+        schedule.last_batch_iteration = now
+
+
+# --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
 
@@ -371,14 +441,29 @@ def epoch_batches(
 
 
 def evaluate(
-    engine, dataset, collate, micro: int, rank: int, world: int, max_batches: int | None, all_reduce
-) -> tuple[float, int]:
+    engine,
+    dataset,
+    collate,
+    micro: int,
+    rank: int,
+    world: int,
+    max_batches: int | None,
+    all_reduce,
+    *,
+    with_pad: bool = False,
+) -> tuple[float, int, float | None]:
     """Pad-masked validation loss: mean over every real next-codon token on every rank.
 
     Labels come from the attention mask, so pads never count, whatever --loss-on-pad says
     for training. Each rank takes examples rank, rank + world, ...; every rank runs the
     same number of forwards (ZeRO-3 gathers parameters collectively), padding with
     zero-weight repeats. `all_reduce(values, op)` sums floats over ranks.
+
+    `with_pad` (--loss-on-pad) adds upstream GenSLM's `val/loss` from the same forwards:
+    the mean cross-entropy over every next-token position of every example, pads included
+    (upstream genslm/model.py passes labels=input_ids, nothing ignored, every record padded
+    to max_length), so `collate` must then pad to max_length. Returns (masked loss, real
+    next-codon tokens, pad-included loss or None).
     """
     import deepspeed.comm as dist
     import torch
@@ -391,6 +476,7 @@ def evaluate(
     most = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
     num_batches = most if max_batches is None else min(most, max_batches)
     loss_sum, tokens = 0.0, 0.0
+    pad_loss_sum, positions = 0.0, 0.0
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
@@ -399,18 +485,25 @@ def evaluate(
             ids = batch["input_ids"].to(engine.device)
             mask = batch["attention_mask"].to(engine.device)
             logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            flat_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
+                flat_logits, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             loss_sum += weight * loss.item()
             tokens += weight * (labels != IGNORE_INDEX).sum().item()
+            if with_pad:
+                every = ids[:, 1:].reshape(-1)
+                pad_loss = F.cross_entropy(flat_logits, every, reduction="sum")
+                pad_loss_sum += weight * pad_loss.item()
+                positions += weight * every.numel()
     engine.train()
+    loss_with_pad = None
+    if with_pad:
+        pad_loss_sum, positions = all_reduce([pad_loss_sum, positions])
+        loss_with_pad = pad_loss_sum / positions if positions else float("nan")
     loss_sum, tokens = all_reduce([loss_sum, tokens])
-    return (loss_sum / tokens if tokens else float("nan")), int(tokens)
+    return (loss_sum / tokens if tokens else float("nan")), int(tokens), loss_with_pad
 
 
 # --------------------------------------------------------------------------------------
@@ -739,6 +832,7 @@ def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
             f"{run.precision} is not supported on this device ({exc}). fp16 needs a "
             "GPU; on CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
         ) from None
+    align_lr_schedule(engine)  # a resume then loads the checkpoint's position over it
     return engine
 
 
@@ -781,6 +875,15 @@ class Trainer:
         self.train_set = CodonDataset(self.prepared.train)
         self.val_set = CodonDataset(self.prepared.val)
         self.collate = CodonCollator.from_settings(self.data_settings)
+        # --loss-on-pad also reports upstream's pad-included validation loss, which pads
+        # every example to max_length (the masked loss is the same at any padding).
+        self.eval_collate = (
+            CodonCollator.from_settings(
+                self.data_settings.model_copy(update={"padding": "max_length"})
+            )
+            if self.data_settings.loss_on_pad
+            else self.collate
+        )
 
         # Model, engine, and the plan from the engine's batch layout.
         self.engine = build_engine(arch, settings, checked)
@@ -887,6 +990,7 @@ class Trainer:
             return LoopState(), 0
         ckpt_dir, tag = decision[0]
         client = load_run_checkpoint(self.engine, ckpt_dir, tag).get("dstrain", {})
+        sync_lr_to_schedule(self.engine)  # the saved position, not advanced again
         loop = LoopState.from_dict(client.get("loop", {}))
         rng = client.get("rng", {}).get(str(self.rank))
         if rng is not None:
@@ -1042,10 +1146,49 @@ class Trainer:
             f"  steps: {engine.global_steps} -> {plan.total_steps} ({plan.micro_per_epoch} "
             f"micro-batches per epoch per rank{tail})"
         )
+        lr_warning = self._zero_lr_warning()
+        if lr_warning:
+            log(f"  warning: {lr_warning}")
         for line in format_run_banner(self.estimate).splitlines():
             log(f"  {line}")
         log(f"  watchdog: {self.watchdog.describe()}")
         log(f"  outputs: {self.output_dir}")
+
+    def _zero_lr_warning(self) -> str:
+        """A warm-up schedule that runs the first or the last step of this run at lr 0
+        (such a step leaves the weights as they are): a warning, as the config may mean
+        it. "" when both rates are above 0, or for other schedules."""
+        first, last = self.engine.global_steps + 1, self.plan.total_steps
+
+        def at_zero(step: int) -> bool:
+            return scheduled_lr(self.engine, step - first) == 0  # None: another schedule
+
+        zero = []
+        if first <= last and at_zero(first):
+            zero.append(f"step {first}")
+        if first < last and at_zero(last):
+            low, high = first, last  # the rates rise, hold, then fall: find where 0 begins
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if at_zero(middle) else (middle, high)
+            zero.append(f"step {last}" if high == last else f"steps {high}-{last}")
+        if not zero:
+            return ""
+        params = self.run.scheduler.params
+        total = params.get("total_num_steps")
+        if isinstance(total, int | float) and total < last:
+            advice = (
+                f"its total_num_steps ({total:g}) ends before this run (step {last}): set "
+                f"it to {last} (--total-steps)"
+            )
+        elif self.run.scheduler.type == "WarmupCosineLR":
+            advice = "raise cos_min_ratio (the floor the last step runs at) or the optimizer lr"
+        else:
+            advice = "raise warmup_max_lr (or the optimizer lr)"
+        return (
+            f"the {self.run.scheduler.type} schedule gives lr 0 at {' and '.join(zero)}, "
+            f"where the weights would not change; {advice}"
+        )
 
     def _open_metrics(self):
         """Rank 0: metrics.jsonl, appended to on resume (a fresh run starts a fresh file)."""
@@ -1111,7 +1254,10 @@ class Trainer:
         self.dist.all_reduce(tensor, op=op or self.dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def log_step(self, epoch_pos: float) -> None:
+    def log_step(self, epoch_pos: float, lr: float) -> None:
+        """After each optimizer step: the fp16 guard, and every log_every steps a metrics
+        row; `lr` is the rate the optimizer applied in the step, read before it (for a
+        skipped fp16 step, the rate it would have applied, and the next one applies)."""
         import torch
 
         engine, step = self.engine, self.engine.global_steps
@@ -1129,7 +1275,7 @@ class Trainer:
                 "step": step,
                 "epoch": round(epoch_pos, 4),
                 "loss": window.loss_sum / max(window.micro_batches, 1),
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "loss_scale": scale,
                 "skipped_steps": engine.skipped_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -1183,6 +1329,8 @@ class Trainer:
                     loss = engine(**batch, use_cache=False).loss
                     engine.backward(loss)
                     boundary = engine.is_gradient_accumulation_boundary()  # ask before step()
+                    if boundary:  # the rate this step applies (step() moves the schedule on)
+                        step_lr = float(engine.get_lr()[0])
                     engine.step()
                     self.watchdog.micro_done()
                     num_samples = len(batches[index])
@@ -1196,7 +1344,7 @@ class Trainer:
                     if not boundary:
                         continue
                     self.watchdog.step_done(engine.global_steps)
-                    self.log_step(loop.epoch + (index + 1) / len(batches))
+                    self.log_step(loop.epoch + (index + 1) / len(batches), step_lr)
                     if engine.global_steps >= total_steps:
                         return None  # done: finish() evaluates, saves and exports
                     if self.stop_requested():
@@ -1239,15 +1387,16 @@ class Trainer:
     def run_eval(self) -> float | None:
         if len(self.val_set) == 0:
             return None
-        loss, tokens = evaluate(
+        loss, tokens, loss_with_pad = evaluate(
             self.engine,
             self.val_set,
-            self.collate,
+            self.eval_collate,
             self.micro,
             self.rank,
             self.world,
             self.settings.max_eval_batches,
             self.all_reduce,
+            with_pad=self.data_settings.loss_on_pad,
         )
         step = self.engine.global_steps
         self.last_eval_step = step
@@ -1256,17 +1405,18 @@ class Trainer:
         if math.isfinite(loss) and (best is None or loss < best):
             self.loop.best_val_loss = loss
         ppl = perplexity(loss)
-        self.write_row(
-            {
-                "step": step,
-                "val_loss": loss,
-                "val_perplexity": ppl,
-                "val_tokens": tokens,
-                "elapsed_s": round(time.time() - self.start_time, 3),
-            }
-        )
+        row: dict[str, Any] = {"step": step, "val_loss": loss}
+        with_pad = ""
+        if loss_with_pad is not None:  # --loss-on-pad: upstream's pad-included val/loss too
+            row["val_loss_with_pad"] = loss_with_pad
+            with_pad = f", val_loss_with_pad {loss_with_pad:.4f}"
+        row["val_perplexity"] = ppl
+        row["val_tokens"] = tokens
+        row["elapsed_s"] = round(time.time() - self.start_time, 3)
+        self.write_row(row)
         self.log(
-            f"step {step}: val_loss {loss:.4f}, perplexity {'n/a' if ppl is None else f'{ppl:.3f}'}"
+            f"step {step}: val_loss {loss:.4f}{with_pad}, perplexity "
+            f"{'n/a' if ppl is None else f'{ppl:.3f}'}"
         )
         return loss
 

@@ -198,3 +198,11 @@ def test_import_stays_pure():
     code = "import sys, dstrain.architectures; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_built_config_has_upstreams_bos_and_eos():
+    from dstrain.model import gpt_neox_config
+
+    config = gpt_neox_config(get_architecture("genslm_25M"))
+    upstream = (UPSTREAM_25M_CONFIG["bos_token_id"], UPSTREAM_25M_CONFIG["eos_token_id"])
+    assert (config.bos_token_id, config.eos_token_id) == upstream

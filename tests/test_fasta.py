@@ -144,6 +144,7 @@ def test_edge_cases_cleaning_and_counts():
         "kept_records": 4,
         "codons": 14,
         "unknown_codons": 1,
+        "invalid_codons": 0,
         "partial_codons": 1,
         "empty_records": 1,
         "skipped_records": 2,
@@ -154,8 +155,11 @@ def test_edge_cases_cleaning_and_counts():
         "duplicate_records": 1,
         "duplicate_ids": ["gapped"],
         "gap_characters": 3,
+        "u_to_t": 2,  # augaaacccuaa
         "bases_outside_orf": 0,
         "windows": 4,
+        "truncated_records": 0,
+        "truncated_codons": 0,
     }
 
 
@@ -324,3 +328,112 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path, compressed):
     without, _ = read_fasta(plain, DataSettings())
     assert [r.record_id for r in with_bom] == ["r1", "r2"]
     assert [r.ids.tolist() for r in with_bom] == [r.ids.tolist() for r in without]
+
+
+# --------------------------------------------------------------------------------------
+# Upstream parity switches: partial codon, long records, invalid letters, U
+# --------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "in.fasta"
+    path.write_text(text)
+    return path
+
+
+def test_partial_codon_unk_appends_one_unk_and_counts_it():
+    settings = DataSettings(partial_codon="unk")
+    records, report = read_fasta(ASSETS / "edge_cases.fasta", settings)
+    by_id = {r.record_id: codons.decode_ids(r.ids) for r in records}
+    assert by_id["with_n"] == ["ATG", "[UNK]", "AAA", "[UNK]"]  # NNN, then the trailing GG
+    assert report.partial_codons == 1 and report.unknown_codons == 1  # GG is no ambiguity
+    assert report.codons == 15
+    # A partial codon is not checked for ambiguity: it is [UNK] whatever its letters.
+    path = BUNDLED[NA_FILE]
+    _, strict = read_fasta(path, DataSettings(partial_codon="unk", on_ambiguous="skip-record"))
+    assert strict.skipped_records == 3 and strict.unknown_codons == 0
+    na, na_report = read_fasta(path, DataSettings(partial_codon="unk"))
+    assert sorted({len(r.ids) for r in na}) == [481]  # 47 x (480 + [UNK]) and 1 x 481 codons
+    assert na_report.codons == 48 * 481 and na_report.partial_codons == 47
+
+
+def test_long_records_truncate_keeps_the_first_codons_and_counts_the_cut(tmp_path):
+    path = _write(tmp_path, ">long\n" + "ATGAAACCC" * 4 + "NNN" + "GG\n>short\nATGAAA\n")
+    window, window_report = read_fasta(path, DataSettings(max_length=8))
+    assert [len(r.ids) for r in window] == [13, 2] and window_report.windows == 3
+    kept, report = read_fasta(
+        path, DataSettings(max_length=8, long_records="truncate", on_ambiguous="error")
+    )
+    assert [r.ids.tolist() for r in kept] == [window[0].ids[:8].tolist(), window[1].ids.tolist()]
+    assert (report.truncated_records, report.truncated_codons) == (1, 13 - 8)
+    assert (report.codons, report.windows, report.unknown_codons) == (10, 2, 0)  # NNN was cut
+    with_partial, report = read_fasta(
+        path, DataSettings(max_length=8, long_records="truncate", partial_codon="unk")
+    )
+    assert report.truncated_codons == 14 - 8  # the [UNK] of GG is cut as well
+    assert [len(r.ids) for r in with_partial] == [8, 2]
+
+
+def test_on_invalid_unk_makes_the_codon_unk_and_counts_it(tmp_path):
+    fill = "CCCGGG" * 3  # under 10% odd letters: not protein-looking
+    path = _write(tmp_path, f">x\nATGXAA{fill}\n>star\natgccc*ggAAA{fill}N\n")
+    with pytest.raises(DstrainError, match=r"'X' at position 4.*--on-invalid unk"):
+        read_fasta(path, DataSettings())
+    records, report = read_fasta(path, DataSettings(on_invalid="unk"))
+    fill_codons = ["CCC", "GGG"] * 3
+    assert [codons.decode_ids(r.ids) for r in records] == [
+        ["ATG", "[UNK]", *fill_codons],
+        ["ATG", "CCC", "[UNK]", "AAA", *fill_codons],  # trailing N: a dropped partial codon
+    ]
+    assert (report.invalid_codons, report.unknown_codons, report.partial_codons) == (2, 0, 1)
+    # Under --on-ambiguous error an invalid letter's [UNK] is not an ambiguity error.
+    _, report = read_fasta(path, DataSettings(on_invalid="unk", on_ambiguous="error"))
+    assert report.kept_records == 2
+    # A non-ASCII letter is one position (as upstream reads text), not its UTF-8 bytes.
+    accented = tmp_path / "accented.fasta"
+    accented.write_text(f">e\nATG\u00e9AA{fill}\n", encoding="utf-8")
+    records, _ = read_fasta(accented, DataSettings(on_invalid="unk"))
+    assert codons.decode_ids(records[0].ids) == ["ATG", "[UNK]", *fill_codons]
+
+
+def test_on_invalid_skip_record_lists_the_record_and_its_letter(tmp_path):
+    path = _write(tmp_path, f">ok\nATGAAA\n>x\nATGAAAXCC{'A' * 30}\n>also_ok\nCCCGGG\n")
+    records, report = read_fasta(path, DataSettings(on_invalid="skip-record"))
+    assert [r.record_id for r in records] == ["ok", "also_ok"]
+    assert report.to_dict()["skipped"] == [
+        {"record_id": "x", "reason": "invalid character 'X' at position 7 (1 outside IUPAC)"}
+    ]
+    only_bad = _write(tmp_path, f">x\nATGAAAXCC{'A' * 30}\n")
+    with pytest.raises(DstrainError, match=r"\(invalid character 'X'\).*--on-invalid unk"):
+        read_fasta(only_bad, DataSettings(on_invalid="skip-record"))
+
+
+def test_protein_records_are_never_encoded(tmp_path):
+    protein = ASSETS / "protein.fasta"
+    with pytest.raises(DstrainError, match=r"looks like a protein.*not proteins"):
+        read_fasta(protein, DataSettings(on_invalid="unk"))
+    mixed = _write(tmp_path, protein.read_text() + ">dna\nATGAAACCC\n")
+    records, report = read_fasta(mixed, DataSettings(on_invalid="skip-record"))
+    assert [r.record_id for r in records] == ["dna"]
+    assert report.skipped_records == report.records - 1
+    assert all(s.reason.startswith("looks like protein (") for s in report.skipped)
+
+
+def test_u_is_read_as_t_and_counted(tmp_path):
+    rna = _write(tmp_path, ">r\nAUGuuuCCCU\n")
+    dna = tmp_path / "dna.fasta"
+    dna.write_text(">r\nATGTTTCCCT\n")
+    (rna_records, rna_report), (dna_records, dna_report) = (
+        read_fasta(rna, DataSettings()),
+        read_fasta(dna, DataSettings()),
+    )
+    assert rna_records[0].ids.tolist() == dna_records[0].ids.tolist()
+    assert (rna_report.u_to_t, dna_report.u_to_t) == (5, 0)
+
+
+def test_parity_switch_combinations_that_mean_nothing_are_refused():
+    with pytest.raises(ValidationError, match="--partial-codon unk applies to --frame 0"):
+        DataSettings(frame="orf", partial_codon="unk")
+    with pytest.raises(ValidationError, match=r"--window-overlap \(4\) applies to"):
+        DataSettings(long_records="truncate", window_overlap=4)
+    DataSettings(frame="orf", long_records="truncate", on_invalid="unk")  # these combine

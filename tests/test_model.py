@@ -73,8 +73,13 @@ def test_tiny_model_is_fp32_with_genslm_settings(tiny_model):
     assert config.max_position_embeddings == 2048
     assert (config.hidden_dropout, config.attention_dropout) == (0.0, 0.0)
     assert config.dtype == torch.float32
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 3)
-    assert (codons.CLS_ID, codons.SEP_ID, codons.PAD_ID) == (1, 2, 3)
+    # bos/eos 0 ([UNK]) as in upstream's configs; pad is [PAD].
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 0, 3)
+    assert (codons.UNK_ID, codons.PAD_ID) == (0, 3)
+    # Sampling never picks a special token (the ids of every one of them are suppressed).
+    special = [codons.TOKEN_TO_ID[t] for t in codons.SPECIAL_TOKENS]
+    assert sorted(tiny_model.generation_config.suppress_tokens) == sorted(special)
+    assert tiny_model.generation_config.eos_token_id == 0
     # Untied: the head is its own tensor, not a view of the input embedding.
     assert tiny_model.lm_head.weight.data_ptr() != tiny_model.gpt_neox.embed_in.weight.data_ptr()
     # Rotary buffers are rebuilt, never saved.

@@ -234,3 +234,79 @@ def test_cli_subprocess_no_traceback_and_light_import(tmp_path):
     code = "import sys, dstrain.cli; print(sorted(m for m in ('numpy', 'Bio') if m in sys.modules))"
     light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert light.stdout.strip() == "[]", light.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Parity switches: part of the cache key; caches from before them
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"partial_codon": "unk"}, {"long_records": "truncate"}, {"on_invalid": "skip-record"}],
+)
+def test_each_parity_switch_rebuilds_the_cache(fasta_copies, tmp_path, changed):
+    cache = tmp_path / "cache"
+    base = DataSettings(max_length=500)
+    prepare_dataset(fasta_copies, cache, base)
+    other = DataSettings(max_length=500, **changed)
+    rebuilt = prepare_dataset(fasta_copies, cache, other)
+    assert not rebuilt.reused
+    assert rebuilt.settings == other
+    assert prepare_dataset(fasta_copies, cache, other).reused
+    if "long_records" in changed:  # HA records (579 codons) are cut to 500
+        assert rebuilt.report["truncated_records"] == 96
+        assert rebuilt.train.num_tokens + rebuilt.val.num_tokens == 78_625 - 96 * 79
+    if "partial_codon" in changed:
+        assert rebuilt.report["codons"] == 78_625 + 47
+
+
+def test_a_cache_from_before_the_switches_is_rebuilt_and_still_opens(fasta_copies, tmp_path):
+    from dstrain.prepare import format_summary
+
+    cache = tmp_path / "cache"
+    built = prepare_dataset(fasta_copies, cache, DataSettings())
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    new_fields = ("partial_codon", "long_records", "on_invalid")
+    new_counts = ("u_to_t", "invalid_codons", "truncated_records", "truncated_codons")
+    for name in new_fields:
+        del manifest["settings"][name]
+    for counts in [manifest["report"], *manifest["report"]["files"]]:
+        for name in new_counts:
+            del counts[name]
+    manifest_path.write_text(json.dumps(manifest))
+
+    old = load_prepared(cache)  # an old cache still opens (training from a cache dir)
+    assert old.settings == DataSettings()
+    assert "0 U read as T" in format_summary(old)
+    rebuilt = prepare_dataset(fasta_copies, cache, DataSettings())
+    assert not rebuilt.reused
+    assert _examples(rebuilt.train) == _examples(built.train)
+    assert all(name in rebuilt.manifest["settings"] for name in new_fields)
+    assert prepare_dataset(fasta_copies, cache, DataSettings()).reused
+
+
+def test_summary_text_shows_gaps_u_and_the_switch_counts(tmp_path, capsys):
+    path = tmp_path / "edge_cases.fasta"
+    shutil.copy(ASSETS / "edge_cases.fasta", path)
+    code, out, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    # edge_cases.fasta: 3 gap characters, 2 U in `augaaacccuaa`, GG dropped from `with_n`.
+    assert "3 gaps removed, 2 U read as T" in out
+    assert "1 partial codons dropped" in out
+    assert "truncated" not in out and "invalid" not in out
+
+    extra = ["--on-invalid", "unk", "--long-records", "truncate", "--max-length", "8"]
+    code, out, err = _run_cli(
+        ["prepare", str(path), "-o", str(tmp_path / "c"), *extra, "--partial-codon", "unk"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "1 partial codons as [UNK]" in out
+    assert "0 codons with invalid letters ([UNK])" in out
+    assert "0 records truncated (0 codons cut)" in out
+
+    orf_unk = ["--frame", "orf", "--partial-codon", "unk"]
+    code, _, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "d"), *orf_unk], capsys)
+    assert code == 2 and "--partial-codon unk applies to --frame 0 only" in err
