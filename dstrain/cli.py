@@ -561,18 +561,18 @@ def generate_command(
     if known is not None:
         click.echo(f"{len(known)} known sequences from {len(known_files)} file(s)", err=True)
 
-    from dstrain.inference import load_model
+    from dstrain.inference import load_model, pick_device
 
-    device, dtype = generate.pick_device_and_dtype(device)
+    torch_device, dtype = pick_device(device)
     loaded = load_model(
         model_spec,
         model_name=model_name,
         trust_checkpoint=trust_checkpoint,
-        device=device,
+        device=torch_device,
         dtype=dtype,
     )
     step = f" at step {loaded.step}" if loaded.step is not None else ""
-    click.echo(f"model: {loaded.architecture} from {loaded.source}{step}", err=True)
+    click.echo(f"model: {loaded.architecture.name} from {loaded.source}{step}", err=True)
 
     def show_round(run) -> None:
         click.echo(
@@ -608,7 +608,7 @@ def generate_command(
     click.echo(
         f"wrote {output}{also}: {len(run.records)} sequences; {run.num_sampled_codons:,} "
         f"codons sampled in {run.seconds:.2f} s = {run.codons_per_s:,.0f} codons/s "
-        f"({device}, {dtype_name}, batch {batch_size})"
+        f"({torch_device}, {dtype_name}, batch {batch_size})"
     )
 
 
@@ -1023,6 +1023,82 @@ def estimate_command(
 
         write_estimate_chart(estimate, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
+
+
+def _layer_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.replace(",", " ").split()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give integers, e.g. -1 or 0,-1") from None
+
+
+@cli.command("embed")
+@click.argument("model_spec", metavar="MODEL")
+@click.argument("fasta", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output file: OUT.h5 (HDF5) or OUT.npy.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "mean-padded"]),
+    default="mean",
+    show_default=True,
+    help="mean: over real tokens (upstream run_inference.py); mean-padded: every record "
+    "padded to the context, pads included (upstream README recipe).",
+)
+@click.option(
+    "--layers",
+    default="-1",
+    show_default=True,
+    callback=_layer_list,
+    help="Hidden states to keep, comma-separated, upstream's numbering: -1 the last "
+    "(after the final layer norm), 0 the embedding output.",
+)
+@click.option("--per-token", is_flag=True, help="Keep every token's embedding (.h5 only).")
+@click.option("--logits", is_flag=True, help="Also store per-token logits (.h5 only).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Records a batch.")
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=65536,
+    show_default=True,
+    help="Padded tokens a batch at most.",
+)
+@click.option(
+    "--long-records",
+    type=click.Choice(["window", "truncate"]),
+    default="window",
+    show_default=True,
+    help="Records over the context: windows averaged by length, or the first "
+    "context-length codons (upstream).",
+)
+@click.option("--model", "model_name", help="Architecture of a .pt file (e.g. genslm_25M).")
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Unpickle a checkpoint without a manifest (upstream .pt files need it).",
+)
+@click.option("--device", help="cpu, cuda, cuda:N (default: a GPU if there is one).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    help="Default: bf16 on a GPU that supports it, fp32 otherwise.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def embed_command(
+    model_spec: str, fasta: tuple[str, ...], output: str, no_progress: bool, **options
+) -> None:
+    """Embed the records of FASTA files with MODEL (an export directory, a dstrain run or
+    checkpoint directory, or an official .pt with --model and --trust-checkpoint).
+
+    \b
+    Several GPUs / ranks (each embeds a share, rank 0 writes one output):
+      deepspeed --num_gpus 4 --module dstrain.embed MODEL A.fasta -o OUT.h5
+      torchrun --nproc_per_node 4 -m dstrain.embed MODEL A.fasta -o OUT.h5
+    """
+    from dstrain.embed import run_embed
+
+    summary = run_embed(model_spec, fasta, output, progress=not no_progress, **options)
+    if summary:
+        click.echo(summary, err=True)
 
 
 # -- end of commands --

@@ -893,7 +893,8 @@ class _Checker:
                 0,
                 low_open=True,
                 whole=True,
-                why=fails + " (it wants a positive int; 1 means no warm-up)",
+                why=fails
+                + " (it wants a positive int; DeepSpeed treats 1 as 2, the shortest warm-up)",
             )
             if sched.get("total_num_steps") is not None:  # null: the `required` rule says it
                 self._number_rule(

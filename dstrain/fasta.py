@@ -306,7 +306,7 @@ def iter_codon_records(
     from Bio import SeqIO
 
     seen_ids: set[str] = set()
-    with _open_fasta(path) as handle:
+    with open_fasta(path) as handle:
         try:
             for number, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):
                 report.records += 1
@@ -319,7 +319,7 @@ def iter_codon_records(
                         report.duplicate_ids.append(record.id)
                 seen_ids.add(record.id)
                 label = f"record {number} ('{record.id}')"
-                ids = _encode_record(bytes(record.seq), path, label, record.id, settings, report)
+                ids = encode_record(bytes(record.seq), path, label, record.id, settings, report)
                 if ids is None:
                     continue
                 report.kept_records += 1
@@ -359,7 +359,7 @@ def _skip(report: FileReport, record_id: str, reason: str) -> None:
         report.skipped.append(SkippedRecord(record_id, reason))
 
 
-def _encode_record(
+def encode_record(
     raw: bytes,
     path: Path,
     label: str,
@@ -524,7 +524,7 @@ def check_file_exists(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _open_fasta(path: Path) -> Iterator[TextIO]:
+def open_fasta(path: Path) -> Iterator[TextIO]:
     """A text handle on the file (gzip or plain) positioned at its first header line.
 
     Checks first that the file exists and starts like FASTA.

@@ -38,6 +38,15 @@ of the CPU that other processes took meanwhile (the noise it was measured under)
    ZeRO 1-3, bf16 and fp32. Target within 2%.
 6. With CUDA: MFU of genslm_25M and genslm_250M at 2048 codons (model FLOPs per second
    over the GPU's dense bf16 peak). Skipped on CPU, with a note.
+7. Embedding throughput (sequences/s) on the bundled H3N2 HA/NA records, same model, both
+   mean over real codons: `dstrain.embed.embed_records` (length-grouped batches, no pad
+   past a batch's longest record) vs upstream GenSLM's way (every record tokenized and
+   padded to 2048, batches in file order, `output_hidden_states`, masked mean). Both in
+   this process, interleaved. Target >= 3.0x.
+8. Generation (codons/s): `dstrain.generate.generate_sequences` (its own KV-cache loop,
+   special tokens suppressed) vs transformers' `generate` called as upstream's
+   `generate_dna` does (top-k 50, top-p 0.95, min_length = max_length, prompt ATG), same
+   model, rows and length, interleaved. No target: a figure, with the ratio.
 """
 
 from __future__ import annotations
@@ -120,6 +129,13 @@ class Plan:
     mfu_micro_batch: int
     mfu_steps: int
     mfu_warmup: int
+    embed_records: dict[str, int]
+    """Models in the embedding comparison, and how many bundled records each embeds."""
+    embed_runs: int
+    generate_models: tuple[str, ...]
+    generate_rows: int
+    generate_codons: int
+    generate_runs: int
 
 
 FULL = Plan(
@@ -145,6 +161,13 @@ FULL = Plan(
     mfu_micro_batch=8,
     mfu_steps=12,
     mfu_warmup=4,
+    # Upstream's side runs every record at 2048 codons: ~2 s per record for genslm_25M.
+    embed_records={"genslm_small": 144, "genslm_25M": 24},
+    embed_runs=2,
+    generate_models=("genslm_small", "genslm_25M"),
+    generate_rows=8,
+    generate_codons=256,
+    generate_runs=2,
 )
 DEFAULT_THROUGHPUT_RUNS = ThroughputRuns(
     runs=1, longest_steps=6, max_length_steps=3, warmup_steps=1
@@ -170,6 +193,12 @@ QUICK = Plan(
     mfu_micro_batch=2,
     mfu_steps=2,
     mfu_warmup=1,
+    embed_records={"genslm_tiny": 6},
+    embed_runs=1,
+    generate_models=("genslm_tiny",),
+    generate_rows=2,
+    generate_codons=16,
+    generate_runs=1,
 )
 
 BF16_PEAK_FLOPS = (
@@ -991,6 +1020,182 @@ def bench_mfu(plan: Plan, tmp: Path, ds_config: Path, peak_tflops: float | None)
 
 
 # --------------------------------------------------------------------------------------
+# Using a model: embeddings and generation
+# --------------------------------------------------------------------------------------
+
+EMBED_BATCH = 8
+"""Records per batch on both sides of the embedding comparison."""
+
+
+def bundled_h3n2_records(count: int) -> list[tuple[str, str]]:
+    """`count` (id, sequence) pairs spread evenly over the 144 bundled HA/NA records."""
+    from Bio import SeqIO
+
+    from dstrain.fasta import bundled_fasta_paths
+
+    records = [
+        (r.id, str(r.seq)) for path in bundled_fasta_paths() for r in SeqIO.parse(path, "fasta")
+    ]
+    stride = max(1, len(records) // count)
+    return records[::stride][:count]
+
+
+def upstream_embed(model, sequences: list[str], tokenizer) -> list:
+    """Upstream GenSLM's embedding way: codons joined by spaces, the HF tokenizer padding
+    every record to 2048, batches in file order, the last hidden state averaged over the
+    real tokens (its run_inference; the README recipe averages pads too, same cost)."""
+    import torch
+
+    from dstrain.codons import codons_to_text
+
+    pooled = []
+    with torch.inference_mode():
+        for start in range(0, len(sequences), EMBED_BATCH):
+            texts = [codons_to_text(s.upper()) for s in sequences[start : start + EMBED_BATCH]]
+            batch = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=UPSTREAM_MAX_LENGTH,
+                truncation=True,
+                return_tensors="pt",
+            )
+            out = model(**batch, output_hidden_states=True)
+            mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+            pooled += list((out.hidden_states[-1] * mask).sum(1) / mask.sum(1))
+    return pooled
+
+
+def bench_embed(plan: Plan, model_name: str, num_records: int) -> dict[str, Any]:
+    import torch
+
+    from dstrain.codons import build_hf_tokenizer, encode_sequence
+    from dstrain.embed import embed_records
+    from dstrain.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name).eval()
+    tokenizer = build_hf_tokenizer()
+    records = bundled_h3n2_records(num_records)
+    sequences = [seq for _, seq in records]
+    ids = [encode_sequence(seq.upper()) for seq in sequences]
+    rates: dict[str, list[float]] = {"dstrain": [], "upstream": []}
+    first: dict[str, Any] = {}
+    sides = {
+        "dstrain": lambda: embed_records(model, ids, pooling="mean", batch_size=EMBED_BATCH),
+        "upstream": lambda: upstream_embed(model, sequences, tokenizer),
+    }
+    for _ in range(plan.embed_runs):
+        for side, run in sides.items():
+            t0 = time.perf_counter()
+            result = run()
+            rates[side].append(len(records) / (time.perf_counter() - t0))
+            first.setdefault(side, result)
+    # Same weights, same records: the two poolings must agree (dstrain drops a trailing
+    # partial codon, upstream makes it [UNK], so compare records of whole codons only).
+    ours = first["dstrain"].embeddings
+    whole = [i for i, s in enumerate(sequences) if len(s) % 3 == 0]
+    diff = max(
+        (
+            float((torch.as_tensor(ours[i]).reshape(-1) - first["upstream"][i]).abs().max())
+            for i in whole
+        ),
+        default=float("nan"),
+    )
+    ours_rate, theirs_rate = median(rates["dstrain"]), median(rates["upstream"])
+    ratio = ours_rate / theirs_rate
+    mean_codons = statistics.mean(len(i) for i in ids)
+    return {
+        "title": f"Embedding sequences/s, {model_name}, CPU fp32",
+        "unit": "x",
+        "samples_sequences_per_s": {s: rounded(v) for s, v in rates.items()},
+        "median_sequences_per_s": {s: round(median(v), 2) for s, v in rates.items()},
+        "records": len(records),
+        "mean_codons": round(mean_codons, 1),
+        "max_abs_diff_whole_codon_records": diff,
+        "value": round(ratio, 3),
+        **verdict(ratio, ">=", 3.0, fmt_ratio),
+        "summary": {
+            "dstrain": f"{ours_rate:,.2f} seq/s (`dstrain embed`)",
+            "baseline": f"{theirs_rate:,.2f} seq/s (pad to 2048, file order)",
+            "result": f"{ratio:.1f}x",
+        },
+        "note": (
+            f"{len(records)} bundled HA/NA records (mean {mean_codons:.0f} codons), batches of "
+            f"{EMBED_BATCH}, {plan.embed_runs} interleaved run(s) per side, median; both mean "
+            f"the last hidden state over real codons; max |diff| between the two sides' "
+            f"embeddings on whole-codon records {diff:.1e}"
+        ),
+    }
+
+
+def upstream_generate(model, rows: int, codons: int, seed: int):
+    """transformers' `generate` as upstream's generate_dna calls it (prompt ATG)."""
+    import torch
+
+    from dstrain.codons import PAD_ID, TOKEN_TO_ID
+
+    torch.manual_seed(seed)
+    prompt = torch.tensor([[TOKEN_TO_ID["ATG"]]])
+    with torch.inference_mode():
+        return model.generate(
+            prompt,
+            max_length=codons,
+            min_length=codons,
+            do_sample=True,
+            top_k=50,
+            top_p=0.95,
+            num_return_sequences=rows,
+            remove_invalid_values=True,
+            use_cache=True,
+            pad_token_id=PAD_ID,
+        )
+
+
+def bench_generate(plan: Plan, model_name: str) -> dict[str, Any]:
+    import torch
+
+    from dstrain.generate import generate_sequences
+    from dstrain.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name).eval()
+    rows, codons = plan.generate_rows, plan.generate_codons
+    new_codons = rows * (codons - 1)  # the prompt codon is given, not sampled
+    rates: dict[str, list[float]] = {"dstrain": [], "upstream": []}
+    sides = {
+        "dstrain": lambda run: generate_sequences(
+            model, n=rows, max_length=codons, seed=run, batch_size=rows
+        ),
+        "upstream": lambda run: upstream_generate(model, rows, codons, seed=run),
+    }
+    for run in range(plan.generate_runs):
+        for side, generate in sides.items():
+            t0 = time.perf_counter()
+            generate(run)
+            rates[side].append(new_codons / (time.perf_counter() - t0))
+    ours_rate, theirs_rate = median(rates["dstrain"]), median(rates["upstream"])
+    ratio = ours_rate / theirs_rate
+    return {
+        "title": f"Generation codons/s, {model_name}, CPU fp32",
+        "unit": "codons/s",
+        "samples_codons_per_s": {s: rounded(v) for s, v in rates.items()},
+        "median_codons_per_s": {s: round(median(v), 1) for s, v in rates.items()},
+        "value": round(ours_rate, 1),
+        "met": None,
+        "summary": {
+            "dstrain": f"{ours_rate:,.0f} codons/s (`dstrain generate`)",
+            "baseline": f"{theirs_rate:,.0f} codons/s (HF generate, upstream's settings)",
+            "result": f"{ratio:.2f}x",
+        },
+        "note": (
+            f"{rows} rows x {codons} codons (prompt ATG), top-k 50, top-p 0.95, batch "
+            f"{rows}, {plan.generate_runs} interleaved run(s) per side, median; a figure, no "
+            f"target"
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
 
@@ -1096,7 +1301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "genslm_small, genslm_25M; --quick: genslm_tiny).",
     )
     p.add_argument(
-        "--only", help="Comma-separated subset: cli, data, throughput, overhead, memory, mfu."
+        "--only",
+        help="Comma-separated subset: cli, data, throughput, overhead, memory, mfu, embed, "
+        "generate.",
     )
     p.add_argument(
         "--peak-tflops", type=float, help="The GPU's dense bf16 peak, if not in the table."
@@ -1123,7 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (
         Path(tempfile.gettempdir()) / "dstrain-bench-quick.json" if args.quick else RESULTS_PATH
     )
-    parts = set((args.only or "cli,data,throughput,overhead,memory,mfu").split(","))
+    parts = set((args.only or "cli,data,throughput,overhead,memory,mfu,embed,generate").split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.time()
     load_before = load_average()
@@ -1167,6 +1374,18 @@ def main(argv: list[str] | None = None) -> int:
             step("memory estimate", lambda: {"memory_estimate": bench_memory(plan, tmp)})
         if "mfu" in parts:
             step("mfu", lambda: {"mfu": bench_mfu(plan, tmp, ds_config, args.peak_tflops)})
+        if "embed" in parts:
+            for model, count in plan.embed_records.items():
+                step(
+                    f"embed {model}",
+                    lambda m=model, c=count: {f"embed_{m}": bench_embed(plan, m, c)},
+                )
+        if "generate" in parts:
+            for model in plan.generate_models:
+                step(
+                    f"generate {model}",
+                    lambda m=model: {f"generate_{m}": bench_generate(plan, m)},
+                )
     finally:
         if args.keep_tmp:
             say(f"work directory kept: {tmp}")

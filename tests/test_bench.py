@@ -24,6 +24,7 @@ COMPARISONS = (  # every benchmark with a target, in a full and a quick run alik
     "throughput_genslm_tiny",
     "loop_overhead",
     "memory_estimate",
+    "embed_genslm_tiny",
 )
 
 
@@ -77,6 +78,10 @@ def test_quick_benchmark_runs_every_comparison(tmp_path):
     data_prep = benchmarks["data_prep"]
     assert data_prep["spread"]["min"] <= data_prep["value"] <= data_prep["spread"]["max"]
     assert len(data_prep["samples"]["speedup"]) == results["plan"]["data_repetitions"]
+    # Both embedding ways pooled the same weights over the same real codons.
+    assert benchmarks["embed_genslm_tiny"]["max_abs_diff_whole_codon_records"] < 1e-4
+    generation = benchmarks["generate_genslm_tiny"]["median_codons_per_s"]
+    assert generation["dstrain"] > 0 and generation["upstream"] > 0
     assert results["git"]["bench_py_sha256"] == sha256(BENCH)
     assert benchmarks["memory_estimate"]["cases"]
     # No GPU: the MFU code still ran, on CPU, and says it was skipped for real numbers.
