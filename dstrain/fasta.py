@@ -84,6 +84,10 @@ AMBIGUITY_CODES = "RYSWKMBDHVN"
 GAP_CHARACTERS = "-."
 PROTEIN_ONLY_LETTERS = "EFIJLOPQXZ*"
 """Letters (and the stop sign) that occur in protein FASTA but are no nucleotide code."""
+AMINO_ACID_ONLY_LETTERS = "EFIJLOPQZ"
+"""The protein-only letters without X and `*`, which nucleotide files use too (a masked
+base, a stop): under `--on-invalid unk|skip-record` only these make a record protein."""
+_AMINO_ACID_ONLY_BYTES = np.frombuffer(AMINO_ACID_ONLY_LETTERS.encode(), dtype=np.uint8)
 
 MAX_LISTED = 100
 """Skipped records and duplicate IDs listed per file (the counts stay exact)."""
@@ -426,7 +430,10 @@ def encode_record(
         )
     report.unknown_codons += len(unknown)
     report.invalid_codons += int(np.count_nonzero(invalid_codon))
-    report.partial_codons += int(has_partial)
+    # Under unk a partial codon that truncation cut off is counted with the cut codons.
+    report.partial_codons += int(
+        has_partial and (settings.partial_codon == "drop" or partial_unk.any())
+    )
     if settings.frame == "orf":
         report.bases_outside_orf += len(seq) - (end - start)
     report.truncated_records += int(cut > 0)
@@ -459,7 +466,10 @@ def _clean_sequence(
         byte = int(data[first])
         char = repr(chr(byte)) if 32 <= byte < 127 else f"byte 0x{byte:02x}"
         num_letters = int(np.count_nonzero(cls != _SPACE))
-        num_protein = int(np.count_nonzero(cls == _PROTEIN))
+        if on_invalid == "error":
+            num_protein = int(np.count_nonzero(cls == _PROTEIN))
+        else:  # a masked run (XXXX) or a trailing * is what these policies exist for
+            num_protein = int(np.count_nonzero(np.isin(data, _AMINO_ACID_ONLY_BYTES)))
         if num_protein > _PROTEIN_SHARE * num_letters:
             if on_invalid == "skip-record":
                 raise _SkipRecord(

@@ -387,10 +387,11 @@ def read_deepspeed_state_dict(
             "cannot consolidate. Copy the whole directory, or convert it with the tool that "
             "wrote it into a .pt file and pass that."
         )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            # Imported here too: DeepSpeed's import prints its accelerator choice on stdout.
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as exc:  # zero_to_fp32 raises many types for a damaged directory
         raise DstrainError(

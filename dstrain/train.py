@@ -29,8 +29,9 @@ stream simply runs on until that step.
 
 Learning rate: DeepSpeed's WarmupLR, WarmupDecayLR and WarmupCosineLR are functions of an
 iteration count i: they warm up from warmup_min_lr (WarmupCosineLR: warmup_min_ratio x lr)
-at i = 0 to lr at i = warmup_num_steps, and the decaying two fall to their end value at
-total_num_steps (WarmupCosineLR already at total_num_steps - 1). Left to itself DeepSpeed
+at i = 0 towards lr at i = warmup_num_steps, and the decaying two fall to their end value at
+total_num_steps (WarmupCosineLR already at total_num_steps - 1: its cosine is one decay step
+down at i = warmup_num_steps, so it never applies the peak lr itself). Left to itself DeepSpeed
 0.19.8 runs optimizer step k (from 1) at i = k - 2 (the constructor sets the i = -1 rate,
 the i = 0 one), so with warmup_min_lr 0 the first two steps run at lr 0. dstrain runs step
 k at i = k (`align_lr_schedule`, on a fresh engine; a resume loads the saved i over it and
@@ -1177,9 +1178,14 @@ class Trainer:
         params = self.run.scheduler.params
         total = params.get("total_num_steps")
         if isinstance(total, int | float) and total < last:
+            where = (
+                f"scheduler.params.total_num_steps in {self.settings.deepspeed_config}"
+                if self.settings.deepspeed_config
+                else "--total-steps"
+            )
             advice = (
                 f"its total_num_steps ({total:g}) ends before this run (step {last}): set "
-                f"it to {last} (--total-steps)"
+                f"it to {last} ({where})"
             )
         elif self.run.scheduler.type == "WarmupCosineLR":
             advice = "raise cos_min_ratio (the floor the last step runs at) or the optimizer lr"

@@ -371,6 +371,7 @@ def test_long_records_truncate_keeps_the_first_codons_and_counts_the_cut(tmp_pat
         path, DataSettings(max_length=8, long_records="truncate", partial_codon="unk")
     )
     assert report.truncated_codons == 14 - 8  # the [UNK] of GG is cut as well
+    assert report.partial_codons == 0  # ... so it is no partial codon in the data
     assert [len(r.ids) for r in with_partial] == [8, 2]
 
 
@@ -406,6 +407,21 @@ def test_on_invalid_skip_record_lists_the_record_and_its_letter(tmp_path):
     only_bad = _write(tmp_path, f">x\nATGAAAXCC{'A' * 30}\n")
     with pytest.raises(DstrainError, match=r"\(invalid character 'X'\).*--on-invalid unk"):
         read_fasta(only_bad, DataSettings(on_invalid="skip-record"))
+
+
+def test_masked_runs_and_stops_are_no_protein_under_unk_or_skip_record(tmp_path):
+    """X (a masked base) and * occur in nucleotide files: under --on-invalid unk their
+    codons become [UNK] even when they are more than a tenth of the letters."""
+    path = _write(tmp_path, ">masked\nATGAAA" + "X" * 12 + "CCCGGGTTTAAACCCGGGTTTAAACCCGGGTTT*\n")
+    with pytest.raises(DstrainError, match="looks like a protein"):
+        read_fasta(path, DataSettings())
+    records, report = read_fasta(path, DataSettings(on_invalid="unk"))
+    assert codons.decode_ids(records[0].ids[:7]) == ["ATG", "AAA", *["[UNK]"] * 4, "CCC"]
+    assert report.invalid_codons == 4 and report.partial_codons == 1  # "*" is the partial
+    path.write_text(path.read_text() + ">ok\nATGAAACCC\n")
+    records, report = read_fasta(path, DataSettings(on_invalid="skip-record"))
+    assert [r.record_id for r in records] == ["ok"]
+    assert report.skipped[0].reason.startswith("invalid character 'X'")
 
 
 def test_protein_records_are_never_encoded(tmp_path):

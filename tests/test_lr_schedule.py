@@ -150,7 +150,7 @@ def test_a_schedule_that_ends_at_lr_0_is_announced(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "warning: the WarmupDecayLR schedule gives lr 0 at step 3" in out
-    assert "set it to 3 (--total-steps)" in out
+    assert "set it to 3 (scheduler.params.total_num_steps in " in out
     assert logged_lr(run_dir)[3] == 0
 
 
