@@ -425,7 +425,8 @@ def report_command(run_dirs: tuple[str, ...], compare: tuple[str, ...], output: 
     default="ATG",
     show_default=True,
     help="DNA every record starts with: A/C/G/T, whole codons (upstream's start, ATG, by "
-    "default). '' starts from the bos token as upstream's unprompted generation does.",
+    "default). '' starts from the bos token as upstream's unprompted generation does (it "
+    "counts in --max-length, as upstream counts it).",
 )
 @click.option(
     "--max-length",
@@ -1069,6 +1070,14 @@ def _layer_list(ctx, param, value: str) -> list[int]:
     show_default=True,
     help="Records over the context: windows averaged by length, or the first "
     "context-length codons (upstream).",
+)
+@click.option(
+    "--partial-codon",
+    type=click.Choice(["unk", "drop"]),
+    default="unk",
+    show_default=True,
+    help="A trailing 1-2 base remainder: one [UNK] token, as upstream's inference reads "
+    "records, or left out, as dstrain trains by default.",
 )
 @click.option("--model", "model_name", help="Architecture of a .pt file (e.g. genslm_25M).")
 @click.option(

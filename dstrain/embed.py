@@ -88,21 +88,38 @@ class EmbedResult:
 
 
 def read_embed_records(
-    paths: Sequence[str | os.PathLike[str]], *, max_length: int, long_records: str = "window"
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    max_length: int = 2**20,
+    long_records: str = "window",
+    partial_codon: str = "unk",
 ) -> list[EmbedRecord]:
     """The records of `paths` (frame 0, `[UNK]` for ambiguous codons), in file order.
 
     `fasta_index` counts every record of the input files in order, skipped ones included
-    (as upstream's index into its concatenated sequence list)."""
+    (as upstream's index into its concatenated sequence list). `partial_codon="unk"`
+    (default) keeps a trailing 1-2 base remainder as one `[UNK]`, as upstream's inference
+    tokenizes records; `"drop"` leaves it out, as dstrain trains by default. With
+    `long_records="truncate"` ids are cut to `max_length` here; `embed_records` cuts them
+    to the context anyway."""
     from Bio import SeqIO
 
-    from dstrain.fasta import FileReport, check_file_exists, encode_record, open_fasta
+    from dstrain.fasta import (
+        FileReport,
+        check_file_exists,
+        encode_record,
+        open_fasta,
+        read_errors,
+    )
     from dstrain.settings import DataSettings
 
     if long_records not in LONG_RECORDS:
         raise DstrainError(f"--long-records must be one of {', '.join(LONG_RECORDS)}.")
     settings = DataSettings(
-        max_length=max(max_length, 8), long_records="window", on_ambiguous="unk"
+        max_length=min(max(max_length, 8), 2**20),
+        long_records="window",
+        on_ambiguous="unk",
+        partial_codon=partial_codon,
     )
     records: list[EmbedRecord] = []
     index = 0
@@ -111,7 +128,7 @@ def read_embed_records(
         check_file_exists(path)
         report = FileReport(path=str(path))
         kept = 0
-        with open_fasta(path) as handle:
+        with open_fasta(path) as handle, read_errors(path):
             for number, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):
                 raw = str(record.seq)
                 ids = encode_record(
@@ -284,10 +301,13 @@ def finish_embeddings(
     long_records: str = "window",
     per_token: bool = False,
     logits: bool = False,
+    pooling: str = "mean",
 ) -> EmbedResult:
     """Join the units of every record (all of `outputs`, from one rank or gathered): pooled
-    windows averaged weighted by their length, per-token windows concatenated; summed in
-    unit order, so the result does not depend on which rank computed what."""
+    windows averaged weighted by the positions each one averaged (its codons under `mean`;
+    the whole context, so equal weights, under `mean-padded`), per-token windows
+    concatenated; summed in unit order, so the result does not depend on which rank
+    computed what."""
     units = _units(lengths, context, long_records)
     n = len(lengths)
     by_record: list[list[int]] = [[] for _ in range(n)]
@@ -306,10 +326,11 @@ def finish_embeddings(
         if len(us) == 1:
             pooled.append(outputs[us[0]][0])
             continue
+        weights = [context if pooling == "mean-padded" else units[u][2] - units[u][1] for u in us]
         total = np.zeros_like(outputs[us[0]][0])
-        for u in us:
-            total += outputs[u][0] * (units[u][2] - units[u][1])
-        pooled.append(total / sum(units[u][2] - units[u][1] for u in us))
+        for u, weight in zip(us, weights, strict=True):
+            total += outputs[u][0] * weight
+        pooled.append(total / sum(weights))
     embeddings = np.stack(pooled).astype(np.float32)
     return EmbedResult(embeddings, out_logits, num_windows, num_tokens)
 
@@ -356,6 +377,7 @@ def embed_records(
         long_records=long_records,
         per_token=per_token,
         logits=logits,
+        pooling=pooling,
     )
 
 
@@ -439,7 +461,9 @@ def write_output(
             group = h5.create_group("logits")
             for record, lg in zip(records, result.logits, strict=True):
                 group.create_dataset(str(record.fasta_index), data=lg)
-        h5.create_dataset("fasta-indices", data=np.array(meta["fasta_indices"], dtype=np.int64))
+        indices = np.array(meta["fasta_indices"], dtype=np.int64)
+        h5.create_dataset("fasta-indices", data=indices)  # upstream's per-token files
+        h5.create_dataset("seq-indices", data=indices)  # upstream's averaged files
         h5.create_dataset("file-indices", data=np.array(meta["file_indices"], dtype=np.int64))
         h5.create_dataset("na-hashes", data=np.array(meta["na_hashes"], dtype="S32"))
         h5.create_dataset("ids", data=meta["ids"], dtype=h5py.string_dtype())
@@ -486,6 +510,7 @@ def run_embed(
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     long_records: str = "window",
+    partial_codon: str = "unk",
     model_name: str | None = None,
     trust_checkpoint: bool = False,
     device: str | None = None,
@@ -498,6 +523,8 @@ def run_embed(
     out = check_output_path(output, per_token=per_token, logits=logits)
     if not fasta:
         raise DstrainError("give at least one FASTA file to embed.")
+    # The FASTA is read (and refused) before a possibly large model is loaded.
+    records = read_embed_records(fasta, partial_codon=partial_codon)
     rank, world, local_rank = _distributed()
     if device is None and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
@@ -512,7 +539,6 @@ def run_embed(
     model = loaded.model
     context = model.config.max_position_embeddings
     check_layers(list(layers), model.config.num_hidden_layers)
-    records = read_embed_records(fasta, max_length=context, long_records=long_records)
     started = time.perf_counter()
     bar = None
     if progress and rank == 0:
@@ -548,6 +574,7 @@ def run_embed(
         long_records=long_records,
         per_token=per_token,
         logits=logits,
+        pooling=pooling,
     )
     seconds = time.perf_counter() - started
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -555,6 +582,7 @@ def run_embed(
         "pooling": "per-token" if per_token else pooling,
         "layers": [int(x) for x in layers],
         "long_records": long_records,
+        "partial_codon": partial_codon,
         "model": loaded.source,
         "architecture": loaded.architecture.name,
         "context": int(context),

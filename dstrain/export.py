@@ -129,6 +129,59 @@ def consolidated_fp32_state_dict(ckpt_dir: Path, tag: str, states: dict[str, Any
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
+@dataclass(frozen=True)
+class CheckpointModel:
+    """A dstrain checkpoint's consolidated fp32 weights in a built model."""
+
+    model: Any
+    """The GPTNeoXForCausalLM, fp32 on the CPU, every weight from the checkpoint."""
+    architecture: GenSLMArchitecture
+    ckpt_dir: Path
+    tag: str
+    step: int | None
+    num_params: int
+
+
+def load_checkpoint_model(
+    checkpoint: str | Path, *, trust_checkpoint: bool = False, verify: bool = True
+) -> CheckpointModel:
+    """Verify a dstrain checkpoint (run dir, checkpoints/ or one step dir) against its
+    manifest, consolidate its fp32 weights and load them, strictly, into a built model.
+
+    `verify=False` only for a checkpoint this process has just written or verified."""
+    from dstrain.model import build_model, load_state_dict_strictly
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    if verify:
+        try:
+            verify_checkpoint(ckpt_dir, tag, trust=trust_checkpoint)
+        except DamagedCheckpoint as exc:
+            others = [str(ckpt_dir / t) for t in tag_dirs(ckpt_dir) if t != tag][:3]
+            hint = f" Other checkpoints of this run: {', '.join(others)}." if others else ""
+            raise DamagedCheckpoint(f"{exc}{hint}") from None
+    states = read_model_states(ckpt_dir, tag, trust=trust_checkpoint)
+    meta = states.get("dstrain") or {}
+    if "architecture" not in meta:
+        raise DstrainError(
+            f"{ckpt_dir / tag} was not written by dstrain train (no architecture recorded), "
+            "so its model shape is unknown. If it is an upstream GenSLM checkpoint, "
+            "convert it with `dstrain convert-checkpoint` (--model NAME --trust-checkpoint)."
+        )
+    arch = GenSLMArchitecture(**meta["architecture"])
+    model = build_model(arch)
+    state = consolidated_fp32_state_dict(ckpt_dir, tag, states, model)
+    load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
+    step = meta.get("step")
+    return CheckpointModel(
+        model=model,
+        architecture=arch,
+        ckpt_dir=ckpt_dir,
+        tag=tag,
+        step=step if isinstance(step, int) else None,
+        num_params=sum(t.numel() for t in state.values()),
+    )
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -144,37 +197,15 @@ def export_checkpoint(
 
     `verify=False` only for a checkpoint this process has just written or verified."""
     from dstrain.codons import build_hf_tokenizer
-    from dstrain.model import (
-        UPSTREAM_PT_NAME,
-        build_model,
-        load_state_dict_strictly,
-        save_upstream_pt,
-    )
+    from dstrain.model import UPSTREAM_PT_NAME, save_upstream_pt
 
     if export_format not in EXPORT_FORMATS:
         raise DstrainError(
             f"unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
         )
 
-    ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    if verify:
-        try:
-            verify_checkpoint(ckpt_dir, tag, trust=trust_checkpoint)
-        except DamagedCheckpoint as exc:
-            others = [str(ckpt_dir / t) for t in tag_dirs(ckpt_dir) if t != tag][:3]
-            hint = f" Other checkpoints of this run: {', '.join(others)}." if others else ""
-            raise DamagedCheckpoint(f"{exc}{hint}") from None
-    states = read_model_states(ckpt_dir, tag, trust=trust_checkpoint)
-    meta = states.get("dstrain") or {}
-    if "architecture" not in meta:
-        raise DstrainError(
-            f"{ckpt_dir / tag} was not written by dstrain train (no "
-            "architecture recorded), so its model shape is unknown."
-        )
-    arch = GenSLMArchitecture(**meta["architecture"])
-    model = build_model(arch)
-    state = consolidated_fp32_state_dict(ckpt_dir, tag, states, model)
-    load_state_dict_strictly(model, state, source=str(ckpt_dir / tag))
+    loaded = load_checkpoint_model(checkpoint, trust_checkpoint=trust_checkpoint, verify=verify)
+    model, ckpt_dir = loaded.model, loaded.ckpt_dir
     out_dir = Path(out_dir)
     check = functools.partial(_check_export_dir, out_dir, ckpt_dir, overwrite=overwrite)
     check()
@@ -189,6 +220,4 @@ def export_checkpoint(
             torch.save(model.state_dict(), staging / "pytorch_model.pt")
         if export_format == "upstream":
             save_upstream_pt(model, staging / UPSTREAM_PT_NAME)
-    return ExportResult(
-        out_dir, arch.name, sum(t.numel() for t in state.values()), meta.get("step")
-    )
+    return ExportResult(out_dir, loaded.architecture.name, loaded.num_params, loaded.step)

@@ -157,6 +157,7 @@ def _build_class_table() -> np.ndarray:
 
 
 _CLASS = _build_class_table()
+_NO_POSITIONS = np.zeros(0, dtype=np.intp)
 
 
 @dataclass
@@ -397,23 +398,28 @@ def encode_record(
         start, end = 0, len(seq) - len(seq) % 3
     ids = encode_sequence(seq[start:end])
     # [UNK] codons that hold no ambiguity code: a letter outside IUPAC, the partial codon.
-    invalid_codon = np.zeros(len(ids), dtype=bool)
-    inside = invalid[(invalid >= start) & (invalid < end)]
-    invalid_codon[(inside - start) // 3] = True
-    partial_unk = np.zeros(len(ids), dtype=bool)
+    # (Positions in `ids`; both are rare, so the common record pays for neither.)
+    invalid_at = _NO_POSITIONS
+    if len(invalid):
+        inside = invalid[(invalid >= start) & (invalid < end)]
+        invalid_at = np.unique((inside - start) // 3)
+    partial_at: int | None = None
     has_partial = settings.frame == "0" and end < len(seq)
     if has_partial and settings.partial_codon == "unk":
         ids = np.append(ids, np.uint8(UNK_ID))
-        invalid_codon = np.append(invalid_codon, False)
-        partial_unk = np.append(partial_unk, True)
+        partial_at = len(ids) - 1
     cut = 0
     if settings.long_records == "truncate" and len(ids) > settings.max_length:
         cut = len(ids) - settings.max_length
         ids = ids[: settings.max_length]
-        invalid_codon = invalid_codon[: settings.max_length]
-        partial_unk = partial_unk[: settings.max_length]
+        invalid_at = invalid_at[invalid_at < settings.max_length]
+        if partial_at is not None and partial_at >= settings.max_length:
+            partial_at = None
 
-    unknown = np.flatnonzero((ids == UNK_ID) & ~invalid_codon & ~partial_unk)
+    unknown = np.flatnonzero(ids == UNK_ID)
+    if len(invalid_at) or partial_at is not None:
+        not_ambiguous = invalid_at if partial_at is None else np.append(invalid_at, partial_at)
+        unknown = np.setdiff1d(unknown, not_ambiguous, assume_unique=True)
     if len(unknown) and settings.on_ambiguous != "unk":
         codon_start = start + 3 * int(unknown[0])
         codon = seq[codon_start : codon_start + 3].decode()
@@ -429,10 +435,10 @@ def encode_record(
             f"[UNK] or --on-ambiguous skip-record to leave these records out."
         )
     report.unknown_codons += len(unknown)
-    report.invalid_codons += int(np.count_nonzero(invalid_codon))
+    report.invalid_codons += len(invalid_at)
     # Under unk a partial codon that truncation cut off is counted with the cut codons.
     report.partial_codons += int(
-        has_partial and (settings.partial_codon == "drop" or partial_unk.any())
+        has_partial and (settings.partial_codon == "drop" or partial_at is not None)
     )
     if settings.frame == "orf":
         report.bases_outside_orf += len(seq) - (end - start)
@@ -458,8 +464,12 @@ def _clean_sequence(
         # One position per character, as upstream reads text: 'é' is one [UNK] letter, not
         # two bytes (each non-Latin-1 character becomes '?', also outside IUPAC).
         raw = raw.decode("utf-8", "replace").encode("latin-1", "replace")
-    data = np.frombuffer(raw.upper(), dtype=np.uint8)
+    upper = raw.upper()
+    data = np.frombuffer(upper, dtype=np.uint8)
     cls = _CLASS[data]
+    counts = np.bincount(cls, minlength=_OTHER + 1)
+    if not (counts[_GAP] or counts[_SPACE] or counts[_URACIL] or counts[_PROTEIN:].any()):
+        return upper, _NO_POSITIONS, 0, 0  # the common record: nothing to remove or report
     bad = np.flatnonzero(cls >= _PROTEIN)
     if len(bad):
         first = int(bad[0])
@@ -516,6 +526,18 @@ def _clean_sequence(
 # --------------------------------------------------------------------------------------
 # Opening and sniffing
 # --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_errors(path: Path) -> Iterator[None]:
+    """A truncated or corrupt (gzip) file, met while parsing, as a DstrainError naming it."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DstrainError(
+            f"{path}: could not be read to its end ({exc}). The file looks truncated or "
+            "corrupt; download or decompress it again."
+        ) from exc
 
 
 def check_file_exists(path: Path) -> None:

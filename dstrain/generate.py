@@ -24,8 +24,8 @@ set of most likely tokens whose probability reaches p; 1.0 turns it off), then o
 multinomial draw per row. `max_length` counts codons per record, the prompt included, as
 upstream's `max_length` counts the prompt tokens: every record has exactly that many
 codons unless `to_stop_codon` cuts it. An empty prompt starts from the bos token (id 0,
-upstream's unprompted start), which is not written; the record then holds `max_length`
-sampled codons.
+upstream's unprompted start), which is not written; as upstream's `max_length` counts that
+token too, the record then holds `max_length - 1` sampled codons.
 
 Determinism: batch b of a run is sampled with a generator seeded from (seed, b), its rows
 are records b*B .. b*B + rows - 1 (B the batch size), so a record's header (seed, index)
@@ -184,15 +184,19 @@ def check_generation_options(
 
 
 def check_context(model: torch.nn.Module, max_length: int, prompt: str) -> None:
-    """`max_length` (+ the bos token for an empty prompt) must fit the model's context."""
+    """`max_length` positions (the bos token of an empty prompt included) must fit the
+    model's context, and an empty prompt needs room for one sampled codon."""
     context = int(getattr(model.config, "max_position_embeddings", 2048))
-    positions = max_length + (0 if prompt else 1)
-    if positions > context:
+    if max_length > context:
         raise DstrainError(
-            f"--max-length {max_length}: needs {positions} positions"
-            f"{' (with the bos token an empty prompt starts from)' if not prompt else ''}, "
-            f"but the model's context is {context} codons; give at most "
-            f"{context - (0 if prompt else 1)}.",
+            f"--max-length {max_length}: the model's context is {context} codons; give at "
+            f"most {context}.",
+            exit_code=2,
+        )
+    if not prompt and max_length < 2:
+        raise DstrainError(
+            "--max-length 1 with an empty --prompt: the bos token takes that position (as "
+            "upstream counts it), so nothing would be sampled; give at least 2.",
             exit_code=2,
         )
 
@@ -225,11 +229,11 @@ def read_known_sequences(paths: Iterable[str | Path]) -> set[str]:
     """Every record of the FASTA files (plain or gzip), normalised by `normalize_dna`."""
     from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-    from dstrain.fasta import open_fasta
+    from dstrain.fasta import open_fasta, read_errors
 
     known: set[str] = set()
     for path in paths:
-        with open_fasta(Path(path)) as handle:
+        with open_fasta(Path(path)) as handle, read_errors(Path(path)):
             known.update(normalize_dna(seq) for _, seq in SimpleFastaParser(handle))
     known.discard("")
     return known
@@ -244,7 +248,10 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float, temperature: 
     """Sampling scores (fp32) from one step's logits, in transformers' order (module doc)."""
     scores = torch.nan_to_num(logits.float(), nan=0.0, posinf=torch.finfo(torch.float32).max)
     scores[:, :NUM_SPECIAL] = -math.inf  # never sample [UNK] [CLS] [SEP] [PAD] [MASK]
-    scores = scores / temperature
+    # A tiny temperature overflows the finite scores to inf (softmax would give NaN).
+    scores = torch.nan_to_num(
+        scores / temperature, posinf=torch.finfo(torch.float32).max, neginf=-math.inf
+    )
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
@@ -360,7 +367,7 @@ def generate_sequences(
     prompt = normalize_prompt(prompt)
     check_context(model, max_length, prompt)
     prompt_ids = [TOKEN_TO_ID[prompt[i : i + 3]] for i in range(0, len(prompt), 3)] or [UNK_ID]
-    num_new = max_length - len(prompt) // 3
+    num_new = max_length - (len(prompt) // 3 if prompt else 1)  # upstream counts the bos
     device = next(model.parameters()).device
     model.eval()
 

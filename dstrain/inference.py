@@ -87,38 +87,10 @@ def _from_export_dir(path: Path, *, trust_checkpoint: bool) -> tuple[GPTNeoXForC
 def _from_dstrain_checkpoint(
     path: Path, *, trust_checkpoint: bool
 ) -> tuple[GPTNeoXForCausalLM, str, int | None]:
-    from dstrain.checkpoints import (
-        DamagedCheckpoint,
-        read_model_states,
-        resolve_checkpoint,
-        tag_dirs,
-        verify_checkpoint,
-    )
-    from dstrain.export import consolidated_fp32_state_dict
-    from dstrain.model import build_model, load_state_dict_strictly
+    from dstrain.export import load_checkpoint_model
 
-    ckpt_dir, tag = resolve_checkpoint(path)
-    try:
-        verify_checkpoint(ckpt_dir, tag, trust=trust_checkpoint)
-    except DamagedCheckpoint as exc:
-        others = [str(ckpt_dir / t) for t in tag_dirs(ckpt_dir) if t != tag][:3]
-        hint = f" Other checkpoints of this run: {', '.join(others)}." if others else ""
-        raise DamagedCheckpoint(f"{exc}{hint}") from None
-    states = read_model_states(ckpt_dir, tag, trust=trust_checkpoint)
-    meta = states.get("dstrain") or {}
-    if "architecture" not in meta:
-        raise DstrainError(
-            f"{ckpt_dir / tag} was not written by dstrain train (no architecture recorded), "
-            "so its model shape is unknown. If it is an upstream GenSLM checkpoint, pass "
-            "--model NAME (e.g. genslm_25M) and --trust-checkpoint."
-        )
-    arch = GenSLMArchitecture(**meta["architecture"])
-    model = build_model(arch)
-    state = consolidated_fp32_state_dict(ckpt_dir, tag, states, model)
-    source = f"checkpoint {ckpt_dir / tag}"
-    load_state_dict_strictly(model, state, source=source)
-    step = meta.get("step")
-    return model, source, int(step) if isinstance(step, int) else None
+    loaded = load_checkpoint_model(path, trust_checkpoint=trust_checkpoint)
+    return loaded.model, f"checkpoint {loaded.ckpt_dir / loaded.tag}", loaded.step
 
 
 def load_model(

@@ -41,7 +41,14 @@ def setup(tmp_path_factory):
     from Bio import SeqIO
 
     root = tmp_path_factory.mktemp("embed")
-    records = list(SeqIO.parse(str(bundled_fasta_paths()[0]), "fasta"))[:NUM_RECORDS]
+    # HA records are whole codons; NA records end in a partial codon (upstream: one [UNK]).
+    ha, *_, na = bundled_fasta_paths()
+    half = NUM_RECORDS // 2
+    records = [
+        *list(SeqIO.parse(str(ha), "fasta"))[:half],
+        *list(SeqIO.parse(str(na), "fasta"))[:half],
+    ]
+    assert any(len(r.seq) % 3 for r in records)
     fasta = root / "few.fasta"
     fasta.write_text("".join(f">{r.id}\n{r.seq}\n" for r in records))
     return {
@@ -59,7 +66,8 @@ def _reference_ids(model_dir, seq: str) -> list[int]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seq = seq.upper()
-    codons = [seq[i : i + 3] for i in range(0, len(seq) - len(seq) % 3, 3)]
+    # Upstream's k-mer grouping: the short last word (a partial codon) stays, as [UNK].
+    codons = [seq[i : i + 3] for i in range(0, len(seq), 3)]
     return tokenizer(" ".join(codons), add_special_tokens=False)["input_ids"]
 
 
@@ -198,6 +206,21 @@ def test_errors_exit_without_traceback(setup, tmp_path, capsys, args, expected):
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_truncated_gzip_fasta_is_a_clear_error(setup, tmp_path, capsys):
+    import gzip
+
+    # Long enough that the cut lies past the head dstrain sniffs before parsing.
+    whole = gzip.compress(setup["fasta"].read_bytes() * 100)
+    broken = setup["root"] / "broken.fasta.gz"
+    broken.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "e.h5"
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", str(setup["model"]), str(broken), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "truncated or corrupt" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -212,7 +212,7 @@ def test_generate_sequences_api(tiny_model):
     assert [r.index for r in first.records] == [0, 1, 2] and first.rounds == 2
     assert first.num_sampled_codons == 3 * (MAX_LENGTH - 1) and first.codons_per_s > 0
     empty = generate_sequences(tiny_model, n=1, max_length=MAX_LENGTH, prompt="", seed=1)
-    assert len(empty.records[0].dna) == 3 * MAX_LENGTH  # starts from bos, not written
+    assert len(empty.records[0].dna) == 3 * (MAX_LENGTH - 1)  # bos counted, not written
 
 
 def test_top_k_1_matches_transformers_greedy_generate(tiny_model):
@@ -228,3 +228,38 @@ def test_top_k_1_matches_transformers_greedy_generate(tiny_model):
         prompt, max_length=MAX_LENGTH, do_sample=False, suppress_tokens=list(range(5))
     )[0]
     assert all(r.dna == "".join(VOCAB[i] for i in ids.tolist()) for r in run.records)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "temperature"),
+    [(50, 0.95, 1.0), (0, 0.5, 0.7), (5, 1.0, 1.3), (69, 0.9, 2.0), (3, 0.3, 1e-30)],
+)
+def test_sampling_filters_equal_transformers_processors(top_k, top_p, temperature):
+    """Special ids suppressed, then temperature, top-k and top-p, against transformers' own
+    processors (independent code) on random logits; the last case is a temperature that
+    overflows every finite score (still a valid distribution)."""
+    import torch
+    from transformers.generation.logits_process import (
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from dstrain.generate import _filter_logits
+
+    logits = torch.randn(64, 69, generator=torch.Generator().manual_seed(top_k)) * 3
+    ours = _filter_logits(logits.clone(), top_k, top_p, temperature)
+    theirs = SuppressTokensLogitsProcessor(list(range(5)))(None, logits.clone())
+    if temperature >= 1e-3:  # transformers' warper divides plainly (inf/inf = nan below)
+        theirs = TemperatureLogitsWarper(temperature)(None, theirs)
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        kept = torch.isfinite(theirs)
+        torch.testing.assert_close(ours[kept], theirs[kept])
+    probs = ours.softmax(dim=-1)
+    assert torch.isfinite(probs).all() and (probs[:, :5] == 0).all()
+    torch.multinomial(probs, 1)  # raises on an invalid distribution
