@@ -63,3 +63,27 @@ def run_in_session(
         output, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{output[-4000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, output, None)
+
+
+def _through_main():
+    """A click command that hands its raw arguments to `dstrain.cli.main` (the console
+    script's entry), so CliRunner shows errors exactly as a user sees them."""
+    import click
+
+    from dstrain.cli import main
+
+    @click.command(
+        context_settings={
+            "ignore_unknown_options": True,
+            "allow_extra_args": True,
+            "help_option_names": [],
+        }
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def through_main(args: tuple[str, ...]) -> None:
+        main(list(args))
+
+    return through_main
+
+
+through_main = _through_main()

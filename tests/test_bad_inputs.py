@@ -23,11 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
-
-from dstrain.cli import main
+from subprocs import through_main
 
 REPO = Path(__file__).resolve().parent.parent
 DSTRAIN = Path(sys.executable).parent / "dstrain"
@@ -458,19 +456,6 @@ def build_cases(tmp: Path) -> list[Case]:
 # --------------------------------------------------------------------------------------
 # Running them
 # --------------------------------------------------------------------------------------
-
-
-@click.command(
-    context_settings={
-        "ignore_unknown_options": True,
-        "allow_extra_args": True,
-        "help_option_names": [],
-    }
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def through_main(args: tuple[str, ...]) -> None:
-    """The console script's entry (`dstrain.cli.main`), for CliRunner."""
-    main(list(args))
 
 
 def _alarm(_signum, _frame):

@@ -11,26 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
-
-from dstrain.cli import main
+from subprocs import through_main
 
 MAX_LENGTH = 24  # codons per record, prompt included
-
-
-@click.command(
-    context_settings={
-        "ignore_unknown_options": True,
-        "allow_extra_args": True,
-        "help_option_names": [],
-    }
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def through_main(args: tuple[str, ...]) -> None:
-    """The console script's entry, for CliRunner (errors print as they would for a user)."""
-    main(list(args))
 
 
 def run_generate(model_dir: Path, out: Path, *args: str, expect_ok: bool = True):
