@@ -61,7 +61,7 @@ DEFAULT_BATCH_TOKENS = 65536
 
 @dataclass(frozen=True)
 class EmbedRecord:
-    """One record to embed: where it came from and its codon ids (after truncation)."""
+    """One record to embed: where it came from and its codon ids (the whole record)."""
 
     record_id: str
     fasta_index: int
@@ -90,8 +90,6 @@ class EmbedResult:
 def read_embed_records(
     paths: Sequence[str | os.PathLike[str]],
     *,
-    max_length: int = 2**20,
-    long_records: str = "window",
     partial_codon: str = "unk",
 ) -> list[EmbedRecord]:
     """The records of `paths` (frame 0, `[UNK]` for ambiguous codons), in file order.
@@ -99,9 +97,8 @@ def read_embed_records(
     `fasta_index` counts every record of the input files in order, skipped ones included
     (as upstream's index into its concatenated sequence list). `partial_codon="unk"`
     (default) keeps a trailing 1-2 base remainder as one `[UNK]`, as upstream's inference
-    tokenizes records; `"drop"` leaves it out, as dstrain trains by default. With
-    `long_records="truncate"` ids are cut to `max_length` here; `embed_records` cuts them
-    to the context anyway."""
+    tokenizes records; `"drop"` leaves it out, as dstrain trains by default. Records are
+    whole: windows and truncation to the context happen in `embed_records`."""
     from Bio import SeqIO
 
     from dstrain.fasta import (
@@ -113,14 +110,8 @@ def read_embed_records(
     )
     from dstrain.settings import DataSettings
 
-    if long_records not in LONG_RECORDS:
-        raise DstrainError(f"--long-records must be one of {', '.join(LONG_RECORDS)}.")
-    settings = DataSettings(
-        max_length=min(max(max_length, 8), 2**20),
-        long_records="window",
-        on_ambiguous="unk",
-        partial_codon=partial_codon,
-    )
+    # max_length only sizes the report's window count: records are kept whole here.
+    settings = DataSettings(max_length=2**20, on_ambiguous="unk", partial_codon=partial_codon)
     records: list[EmbedRecord] = []
     index = 0
     for file_index, raw_path in enumerate(paths):
@@ -137,16 +128,13 @@ def read_embed_records(
                 )  # fmt: skip
                 if ids is not None:
                     kept += 1
-                    num_codons = len(ids)
-                    if long_records == "truncate":
-                        ids = ids[:max_length]
                     records.append(
                         EmbedRecord(
                             record_id=record.id,
                             fasta_index=index,
                             file_index=file_index,
                             md5=hashlib.md5(raw.encode(), usedforsecurity=False).hexdigest(),
-                            num_codons=num_codons,
+                            num_codons=len(ids),
                             ids=ids,
                         )
                     )
