@@ -307,6 +307,8 @@ DEEPSPEED_ROWS = (
 
 DATA_ROWS = (
     Row("frame"),
+    Row("min_orf_codons"),
+    Row("strands"),
     Row("on_ambiguous"),
     Row("on_invalid"),
     Row("partial_codon"),
@@ -337,6 +339,8 @@ TRAIN_ROWS = (
     *(Row(f"data.{row.path}") for row in DATA_ROWS),
     Row("data.padding"),
     Row("data.loss_on_pad"),
+    Row("data.batching"),
+    Row("data.tokens_per_micro_batch"),
     Row("max_eval_batches"),
     Row("skip_window"),
     Row("max_skipped_share"),

@@ -41,10 +41,13 @@ DISK_WARN_BYTES = 10 << 30
 # DeepSpeed ops dstrain can trigger, and when; each is JIT-compiled at first use unless the
 # DeepSpeed wheel was built with it (DS_BUILD_OPS=1).
 RELEVANT_OPS = {
-    "fused_adam": "an `optimizer` block without torch_adam",
+    "fused_adam": "Adam without torch_adam on a GPU, dstrain's default there",
     "cpu_adam": "offload_optimizer",
     "deepspeed_shm_comm": "CPU process groups; dstrain turns it off",
 }
+# On CPU `dstrain train` gives an Adam block without torch_adam torch's AdamW
+# (dstrain.ds_run.choose_optimizer): FusedAdam is built there only for torch_adam false.
+CPU_FUSED_ADAM = "torch_adam false only; on CPU dstrain train uses torch's AdamW"
 # Exit codes of the remote probe, before Python runs.
 _NO_CWD, _NO_PYTHON = 101, 102
 
@@ -128,16 +131,17 @@ def check_accelerator() -> list[Check]:
             + ("; torch sees CUDA but DeepSpeed picked cpu (DS_ACCELERATOR?)" if mismatch else ""),
         )
     )
-    jit = [op for op in RELEVANT_OPS if compatible_ops.get(op) and not installed_ops.get(op)]
+    reasons = dict(RELEVANT_OPS, **({"fused_adam": CPU_FUSED_ADAM} if name == "cpu" else {}))
+    jit = [op for op in reasons if compatible_ops.get(op) and not installed_ops.get(op)]
     if not jit:
         rows.append(Check("ops", "pass", "no op needs a JIT build"))
         return rows
     cached = _cached_extensions()
-    parts = [
-        f"{op} (for {RELEVANT_OPS[op]}{'; built, cached' if op in cached else ''})" for op in jit
-    ]
+    parts = [f"{op} (for {reasons[op]}{'; built, cached' if op in cached else ''})" for op in jit]
     toolchain = [tool for tool in ("ninja", "c++") if shutil.which(tool) is None]
-    if toolchain and not set(jit) <= cached:
+    # What a default run needs: on CPU FusedAdam only for an explicit torch_adam false.
+    needed = {op for op in jit if not (name == "cpu" and op == "fused_adam")}
+    if toolchain and not needed <= cached:
         rows.append(
             Check(
                 "ops",
@@ -154,6 +158,19 @@ def check_accelerator() -> list[Check]:
                 + ", ".join(parts),
             )
         )
+    if name == "cuda" and "fused_adam" in jit:
+        from dstrain.train import fused_adam_status
+
+        _how, problem = fused_adam_status()
+        if problem:
+            rows.append(
+                Check(
+                    "fused_adam",
+                    "warn",
+                    f"FusedAdam cannot be built here ({problem}): dstrain train gives Adam "
+                    "configs without torch_adam torch's AdamW; torch_adam false fails",
+                )
+            )
     return rows
 
 

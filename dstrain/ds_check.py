@@ -880,6 +880,15 @@ class _Checker:
                     f"optimizer.params.{key}",
                     f"must be true or false, not {_show(params[key])}",
                 )
+        if "torch_adam" in params and not isinstance(params["torch_adam"], bool):
+            # DeepSpeed tests it for truth: "false" builds torch's AdamW, null FusedAdam.
+            self.add(
+                "optimizer.params.torch_adam",
+                f"must be true or false, not {_show(params['torch_adam'])}: DeepSpeed "
+                "reads any other value by its truth",
+                "true: torch's AdamW; false: DeepSpeed's FusedAdam; leave it out and "
+                "`dstrain train` picks FusedAdam on a GPU, torch's AdamW on CPU",
+            )
 
     def _scheduler_params(self, kind: str, sched: dict[str, Any]) -> None:
         block = "scheduler"

@@ -130,19 +130,21 @@ def build_ds_config(settings: DeepSpeedSettings) -> dict[str, Any]:
         }
     config["zero_optimization"] = _zero_block(settings.zero_optimization)
     opt = settings.optimizer
-    config["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": opt.lr,
-            "betas": list(opt.betas),
-            "eps": opt.eps,
-            "weight_decay": opt.weight_decay,
-            # Optimizer offload runs DeepSpeed's CPU Adam (a C++ op, much faster on host
-            # RAM than torch's): torch_adam would override it.
-            "torch_adam": opt.torch_adam
-            and settings.zero_optimization.offload_optimizer.device == "none",
-        },
+    params: dict[str, Any] = {
+        "lr": opt.lr,
+        "betas": list(opt.betas),
+        "eps": opt.eps,
+        "weight_decay": opt.weight_decay,
     }
+    if settings.zero_optimization.offload_optimizer.device != "none":
+        # Optimizer offload runs DeepSpeed's CPU Adam (a C++ op, much faster on host
+        # RAM than torch's): torch_adam true would override it.
+        params["torch_adam"] = False
+    elif opt.torch_adam is not None:
+        params["torch_adam"] = opt.torch_adam
+    # else auto: no key, and `dstrain train` picks FusedAdam on a GPU, torch's AdamW on
+    # CPU (dstrain.ds_run.choose_optimizer), so the file fits any machine.
+    config["optimizer"] = {"type": "AdamW", "params": params}
     scheduler = _scheduler_block(settings)
     if scheduler is not None:
         config["scheduler"] = scheduler

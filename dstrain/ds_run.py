@@ -153,6 +153,20 @@ class OptimizerRun:
         value = self.params.get("weight_decay", 0.0)
         return float(value) if _is_number(value) else 0.0
 
+    @property
+    def is_deepspeed_adam(self) -> bool:
+        """`Adam` / `AdamW`: DeepSpeed picks the implementation (torch's, FusedAdam, CPU
+        Adam) from `torch_adam` and the optimizer offload."""
+        return isinstance(self.type, str) and self.type.lower() in ("adam", "adamw")
+
+    @property
+    def torch_adam(self) -> bool | None:
+        """`params.torch_adam`: True torch's Adam(W), False DeepSpeed's own; None when the
+        key is absent (auto: `choose_optimizer` decides per device). ds_check refuses
+        anything but true and false."""
+        value = self.params.get("torch_adam")
+        return value if isinstance(value, bool) else None
+
 
 @dataclass(frozen=True)
 class SchedulerRun:
@@ -533,6 +547,75 @@ def load_ds_run(
         )
     assert config is not None
     return CheckedConfig(config, resolve_ds_run(config), path)
+
+
+# --------------------------------------------------------------------------------------
+# Per-device choices `dstrain train` makes on a checked config (pure: the caller asks the
+# hardware; tests pass "cuda" without a GPU)
+# --------------------------------------------------------------------------------------
+
+FUSED_ADAM_JIT = "JIT-built on first use, ~1 min, cached in ~/.cache/torch_extensions"
+"""How FusedAdam gets onto a machine whose DeepSpeed wheel was built without ops."""
+
+
+def choose_optimizer(
+    config: Mapping[str, Any],
+    device_type: str,
+    *,
+    fused_adam: str = FUSED_ADAM_JIT,
+    fused_adam_problem: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """(the config to hand `deepspeed.initialize` on a `device_type` machine, one line
+    saying which optimizer DeepSpeed builds from it).
+
+    Only an Adam/AdamW block without `torch_adam` (a generated config left on auto) is
+    changed: on CPU it gets `torch_adam: true` (torch's AdamW; DeepSpeed would JIT-build
+    its CPU FusedAdam for ~55 s and run no faster), and on an accelerator it keeps
+    DeepSpeed's FusedAdam, unless `fused_adam_problem` says why it cannot be loaded
+    there (no CUDA toolkit to build it): then torch's AdamW too. An explicit true/false
+    is honoured; optimizer offload builds DeepSpeed's CPU Adam (DeepSpeed 0.19.8
+    `get_optimizer_configuration`: torch_adam first, then the offload, then FusedAdam).
+    `fused_adam` describes how FusedAdam gets here (prebuilt, or JIT and where cached).
+    The input is never modified; the file written to the run directory stays as given.
+    """
+    run = resolve_ds_run(config)
+    opt = run.optimizer
+    if opt.type is None:
+        return dict(config), "no optimizer block: DeepSpeed builds none"
+    if not opt.is_deepspeed_adam:
+        return dict(config), f"{opt.type} (from the config)"
+    adamw = opt.type.lower() == "adamw" or opt.params.get("adam_w_mode", True) is not False
+    torch_name = "torch AdamW" if adamw else "torch Adam"
+    if opt.torch_adam is True:
+        return dict(config), torch_name
+    if run.zero.offload_optimizer.enabled:
+        return dict(config), "DeepSpeed CPUAdam (optimizer offload; JIT-built on first use)"
+    if opt.torch_adam is False:
+        return dict(config), f"FusedAdam (torch_adam false; {fused_adam})"
+    if device_type != "cpu" and fused_adam_problem is None:
+        return dict(config), f"FusedAdam ({fused_adam})"
+    block = dict(config["optimizer"])
+    block["params"] = {**(block.get("params") or {}), "torch_adam": True}
+    chosen = {**config, "optimizer": block}
+    if device_type == "cpu":
+        return chosen, torch_name
+    return chosen, f"{torch_name} (FusedAdam unavailable: {fused_adam_problem})"
+
+
+def check_device_precision(run: DsRun, device: str, *, native_bf16: bool, source: str) -> None:
+    """Refuse bf16 on a CUDA GPU without native bf16 (compute capability below 8.0, e.g.
+    V100, T4) before anything is built: torch emulates bf16 there, so DeepSpeed accepts
+    the config and trains many times slower. `device` is the accelerator type
+    (`cuda`, `cpu`, ...); CPUs train bf16 as before."""
+    if device != "cuda" or not run.bf16_enabled or native_bf16:
+        return
+    raise DstrainError(
+        f"the DeepSpeed config ({source}) enables bf16, but this GPU has no native bf16 "
+        "(it needs compute capability 8.0 or newer: A100, H100; torch would emulate it, many "
+        "times slower). "
+        "Train in fp16 with loss scaling: `dstrain gen-config --fp16` for a new config, "
+        "or `dstrain train --fp16` without --deepspeed_config (or --fp32)."
+    )
 
 
 def missing_monitor_packages(run: DsRun) -> list[str]:

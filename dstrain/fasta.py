@@ -30,18 +30,35 @@ Every record goes through the same steps (`read_fasta`):
    longest forward-strand open reading frame: an in-frame `ATG` up to and *including* the
    first in-frame stop codon (TAA, TAG, TGA); ties go to the earliest start. The stop is
    kept because a CDS ends with it (the bundled H3N2 HA records hold a 566-residue
-   protein, so their ORF is 567 codons). Records without a complete ORF are skipped. An
-   ORF has no partial codon, so `frame="orf"` with `partial_codon="unk"` is refused.
+   protein, so their ORF is 567 codons). Records without a complete ORF are skipped.
+   `frame="all-orfs"` keeps every ORF of at least `min_orf_codons` codons (stop
+   included) as its own example, in all three frames: an ORF runs from the first ATG
+   after the previous in-frame stop (or the frame's first codon) to the next stop, so
+   ATGs nested in it with the same stop are part of it, not ORFs of their own, while
+   ORFs in different frames may overlap (SARS-CoV-2's ORF9b inside N). A run without a
+   stop up to the record's end is no ORF. The stops are exactly TAA, TAG and TGA (a codon
+   holding an ambiguity code is none). `strands="both"` (`orf` and `all-orfs`) also reads
+   the reverse complement (A-T, C-G, R-Y, K-M, B-V, D-H swapped); `orf` then keeps the
+   longer of the two strands' longest ORFs (the forward one on a tie). The examples of
+   a record come in the order of their forward-strand start. Each kept ORF is listed in
+   the report (`orf_list`) as `record_id`, `start`, `end`, `strand`, `codons`:
+   1-based inclusive coordinates on the forward strand after gap removal, as GenBank
+   writes them (`start..end`, `complement(start..end)` for strand `-`, whose ATG ends
+   at `end`), and its codons stop included (`end - start + 1 == 3 * codons`). Records
+   with no ORF that long are skipped. An ORF has no partial codon, so `orf` and
+   `all-orfs` with `partial_codon="unk"` are refused.
 4. Long records (`long_records`): `window` (default) cuts a record longer than
    `max_length` codons into several examples of at most `max_length` codons, consecutive
    ones sharing `window_overlap` codons, the last one maybe shorter; nothing is lost.
    `truncate` keeps its first `max_length` codons only (upstream's tokenizer call with
    `truncation=True`); the records cut and the codons dropped are counted in
-   `truncated_records` and `truncated_codons`.
+   `truncated_records` and `truncated_codons`. Under `all-orfs` both apply to each ORF.
 5. Ambiguity (`on_ambiguous`): a codon holding an IUPAC code (N, R, Y, ...) becomes
    `[UNK]` and is counted (`unk`, upstream's behaviour), drops its record (`skip-record`),
    or stops with an error naming the file, record and position (`error`). Only codons that
-   are kept count (not those cut by `truncate`, nor the partial codon).
+   are kept count (not those cut by `truncate`, nor the partial codon; under `all-orfs`,
+   those of the kept ORFs, so an `N` between genes changes nothing, and one inside a gene
+   drops the whole record under `skip-record`, all its ORFs with it).
 
 With `frame="0"`, `partial_codon="unk"` and the other defaults, the codon ids of a record
 are exactly upstream's `input_ids` before padding, for every bundled record (checked by
@@ -56,7 +73,7 @@ are kept and listed in `duplicate_ids`; they hash into the same split as the fir
 Train/validation split: a record goes to validation when
 `sha256(f"{split_seed}:{record_id}")`, read as a fraction of 2**64, is below
 `val_fraction`. It depends on the ID alone, so adding records never moves old ones, and
-all windows of a record stay in one split.
+all windows of a record, and all ORFs of a record (a genome's genes), stay in one split.
 """
 
 from __future__ import annotations
@@ -67,15 +84,23 @@ import gzip
 import hashlib
 import importlib.resources
 import io
+import operator
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 import numpy as np
 
-from dstrain.codons import START_CODON_ID, STOP_CODON_IDS, UNK_ID, encode_sequence
+from dstrain.codons import (
+    _BASE_CODE,
+    _CODON_ID,
+    START_CODON_ID,
+    STOP_CODON_IDS,
+    UNK_ID,
+    encode_sequence,
+)
 from dstrain.errors import DstrainError
 from dstrain.settings import DataSettings
 
@@ -91,6 +116,9 @@ _AMINO_ACID_ONLY_BYTES = np.frombuffer(AMINO_ACID_ONLY_LETTERS.encode(), dtype=n
 
 MAX_LISTED = 100
 """Skipped records and duplicate IDs listed per file (the counts stay exact)."""
+MAX_LISTED_ORFS = 500
+"""ORFs listed per file in the report (`frame="all-orfs"`; `orfs` counts them all): a
+bacterial genome has thousands. `dstrain.prepare` writes every one to `orfs.tsv`."""
 
 _PROTEIN_SHARE = 0.1  # above this share of protein-only letters a record "looks like protein"
 _SNIFF_BYTES = 64 * 1024
@@ -158,6 +186,8 @@ def _build_class_table() -> np.ndarray:
 
 _CLASS = _build_class_table()
 _NO_POSITIONS = np.zeros(0, dtype=np.intp)
+_COMPLEMENT = bytes.maketrans(b"ACGTRYKMBVDH", b"TGCAYRMKVBHD")
+"""IUPAC complement (S, W, N and letters outside IUPAC stay as they are)."""
 
 
 @dataclass
@@ -166,6 +196,21 @@ class SkippedRecord:
 
     record_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Orf:
+    """One ORF kept under `frame="all-orfs"` (coordinates as in the module docstring)."""
+
+    record_id: str
+    start: int
+    """First base, 1-based on the forward strand (after gap removal)."""
+    end: int
+    """Last base, inclusive, on the forward strand: `end - start + 1 == 3 * codons`."""
+    strand: str
+    """`+`, read from `start` up; `-`, the reverse complement, read from `end` down."""
+    codons: int
+    """Its codons, the stop included (before `long_records` truncate cuts any)."""
 
 
 @dataclass
@@ -206,7 +251,12 @@ class FileReport:
     u_to_t: int = 0
     """RNA `U` bases read as `T`."""
     bases_outside_orf: int = 0
-    """Bases before and after the kept ORF (frame `orf` only)."""
+    """Bases of kept records outside the kept ORF (frame `orf`), or in no kept ORF on
+    either strand (frame `all-orfs`)."""
+    orfs: int = 0
+    """ORFs kept as examples, before windowing (frame `all-orfs` only)."""
+    orf_list: list[Orf] = field(default_factory=list)
+    """The first `MAX_LISTED_ORFS` of them, in file order (`prepare --json` lists all)."""
     windows: int = 0
     """Training examples made from this file's records (1 per record up to `max_length`)."""
     truncated_records: int = 0
@@ -220,10 +270,15 @@ class FileReport:
 
 @dataclass(frozen=True)
 class CodonRecord:
-    """One kept record: its ID and its codon token ids (uint8), before windowing."""
+    """One kept example: its record's ID and codon token ids (uint8), before windowing.
+
+    One per record, or under `frame="all-orfs"` one per ORF, with `orf` set."""
 
     record_id: str
     ids: np.ndarray
+    orf: Orf | None = None
+    first_of_record: bool = True
+    """False for a record's second and later ORFs (so splits count records once)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -235,6 +290,13 @@ def bundled_fasta_paths() -> list[Path]:
     """The H3N2 HA/NA FASTA files shipped in `dstrain/data/` (the demo default)."""
     data_dir = Path(str(importlib.resources.files("dstrain").joinpath("data")))
     return sorted(data_dir.glob("*.fasta"))
+
+
+def bundled_genomes_path() -> Path:
+    """The five SARS-CoV-2 genomes shipped in `dstrain/data/sars_cov_2/` (~29.8 kb each;
+    genes through `frame="all-orfs"`, see `dstrain/data/README.md`)."""
+    data_dir = Path(str(importlib.resources.files("dstrain").joinpath("data")))
+    return data_dir / "sars_cov_2" / "example_genomes.fasta"
 
 
 def is_validation_record(record_id: str, val_fraction: float, split_seed: int) -> bool:
@@ -287,6 +349,133 @@ def find_longest_orf(seq: bytes) -> tuple[int, int] | None:
     return best
 
 
+def reverse_complement(seq: bytes) -> bytes:
+    """The reverse complement of a cleaned (uppercase) sequence, IUPAC codes included."""
+    return seq.translate(_COMPLEMENT)[::-1]
+
+
+_CODON_KIND = np.zeros(256, dtype=np.uint8)  # token id -> 1 for ATG, 2 for a stop, else 0
+_CODON_KIND[START_CODON_ID] = 1
+_CODON_KIND[list(STOP_CODON_IDS)] = 2
+
+
+def _orf_codon_ranges(ids: np.ndarray, min_codons: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codon ranges `[first, last)` of every ATG...stop ORF in one frame's ids (stop included,
+    at least `min_codons` long); the first ATG after each stop starts the ORF."""
+    kind = _CODON_KIND[ids]
+    starts = np.flatnonzero(kind == 1)
+    stops = np.flatnonzero(kind == 2)
+    next_stop = np.searchsorted(stops, starts)  # index of the first stop after each ATG
+    ends_in_stop = next_stop < len(stops)
+    starts, next_stop = starts[ends_in_stop], next_stop[ends_in_stop]
+    first = np.ones(len(starts), dtype=bool)  # starts are sorted: the first of its stop
+    first[1:] = next_stop[1:] != next_stop[:-1]
+    starts, ends = starts[first], stops[next_stop[first]] + 1
+    long_enough = ends - starts >= min_codons
+    return starts[long_enough], ends[long_enough]
+
+
+def _build_reverse_codon_table() -> np.ndarray:
+    """Base-5 codon number (as `_codon_numbers` gives) -> token id of its reverse complement."""
+    complement = (3, 2, 1, 0, 4)  # A C G T other -> T G C A other
+    table = np.empty(5**3, dtype=np.uint8)
+    for number in range(5**3):
+        b0, b1, b2 = number // 25, number // 5 % 5, number % 5
+        table[number] = _CODON_ID[25 * complement[b2] + 5 * complement[b1] + complement[b0]]
+    return table
+
+
+_REVERSE_CODON_ID = _build_reverse_codon_table()
+
+
+def _codon_numbers(seq: bytes) -> np.ndarray:
+    """Base-5 number (uint8, 0-124) of the codon at every offset: entry p reads seq[p:p+3]."""
+    codes = _BASE_CODE[np.frombuffer(seq, dtype=np.uint8)]
+    return codes[:-2] * 25 + codes[1:-1] * 5 + codes[2:]
+
+
+class _Span(NamedTuple):
+    """A stretch of a record read as codons: forward-strand bases `[start, end)`."""
+
+    start: int
+    end: int
+    strand: str
+    ids: np.ndarray
+    """Codon ids, read on `strand` (for `-`, from `end` down, complemented)."""
+
+
+def _strand_orf_spans(numbers: np.ndarray, strand: str, min_codons: int) -> list[_Span]:
+    """Every ORF of one strand, as spans in forward-strand coordinates, from the codon
+    numbers of the forward sequence (`_codon_numbers`): the reverse strand's frame g reads
+    the forward codons starting at n-3-g, n-6-g, ... down, each reverse-complemented."""
+    n = len(numbers) + 2
+    spans = []
+    for frame in range(3):
+        if strand == "+":
+            ids = _CODON_ID[numbers[frame::3]]
+        else:
+            last = n - 3 - frame
+            ids = _REVERSE_CODON_ID[numbers[last::-3]] if last >= 0 else _CODON_ID[:0]
+        first, stop = _orf_codon_ranges(ids, min_codons)
+        for k0, k1 in zip(first.tolist(), stop.tolist(), strict=True):
+            b0, b1 = frame + 3 * k0, frame + 3 * k1
+            if strand == "-":
+                b0, b1 = n - b1, n - b0
+            spans.append(_Span(b0, b1, strand, ids[k0:k1]))
+    return spans
+
+
+def _all_orf_spans(seq: bytes, min_codons: int, both_strands: bool) -> list[_Span]:
+    if len(seq) < 3:
+        return []
+    numbers = _codon_numbers(seq)
+    spans = _strand_orf_spans(numbers, "+", min_codons)
+    if both_strands:
+        spans += _strand_orf_spans(numbers, "-", min_codons)
+    spans.sort(key=operator.itemgetter(0, 1, 2))  # start, end, strand
+    return spans
+
+
+def find_orfs(
+    seq: bytes, min_codons: int = 1, strands: str = "forward"
+) -> list[tuple[int, int, str]]:
+    """Every ATG...stop ORF of a cleaned sequence as `(start, end, strand)`, stop included.
+
+    `[start, end)` are 0-based forward-strand base positions (the report's 1-based
+    inclusive coordinates are `start + 1` to `end`); `strand` is `+` or `-` (`-` only
+    with `strands="both"`). ORFs shorter than `min_codons` codons are left out. Nested
+    ATGs with the same stop make one ORF (see the module docstring). Sorted by start.
+    """
+    return [(s.start, s.end, s.strand) for s in _all_orf_spans(seq, min_codons, strands == "both")]
+
+
+def _frame_spans(seq: bytes, settings: DataSettings) -> list[_Span]:
+    """What of a cleaned record becomes examples under `settings.frame` (none: skip it)."""
+    n = len(seq)
+    if settings.frame == "0":
+        end = n - n % 3
+        return [_Span(0, end, "+", encode_sequence(seq[:end]))]
+    both = settings.strands == "both"
+    if settings.frame == "all-orfs":
+        return _all_orf_spans(seq, settings.min_orf_codons, both)
+    best, strand = find_longest_orf(seq), "+"
+    rc = reverse_complement(seq) if both else b""
+    orf = find_longest_orf(rc) if both else None
+    if orf is not None and (best is None or orf[1] - orf[0] > best[1] - best[0]):
+        best, strand = (n - orf[1], n - orf[0]), "-"
+    if best is None:
+        return []
+    start, end = best
+    return [
+        _Span(
+            start,
+            end,
+            strand,
+            encode_sequence(seq[start:end] if strand == "+" else rc[n - end : n - start]),
+        )
+    ]
+
+
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
@@ -324,15 +513,26 @@ def iter_codon_records(
                         report.duplicate_ids.append(record.id)
                 seen_ids.add(record.id)
                 label = f"record {number} ('{record.id}')"
-                ids = encode_record(bytes(record.seq), path, label, record.id, settings, report)
-                if ids is None:
+                examples = encode_record_examples(
+                    bytes(record.seq), path, label, record.id, settings, report
+                )
+                if examples is None:
                     continue
                 report.kept_records += 1
-                report.codons += len(ids)
-                report.windows += len(
-                    window_bounds(len(ids), settings.max_length, settings.window_overlap)
-                )
-                yield CodonRecord(record.id, ids)
+                for index, (orf, ids) in enumerate(examples):
+                    report.codons += len(ids)
+                    report.windows += (
+                        1
+                        if len(ids) <= settings.max_length
+                        else len(
+                            window_bounds(len(ids), settings.max_length, settings.window_overlap)
+                        )
+                    )
+                    if orf is not None:
+                        report.orfs += 1
+                        if len(report.orf_list) < MAX_LISTED_ORFS:
+                            report.orf_list.append(orf)
+                    yield CodonRecord(record.id, ids, orf, first_of_record=index == 0)
         except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip
             raise DstrainError(
                 f"{path}: could not be read past record {report.records} ({exc}). The file "
@@ -344,6 +544,11 @@ def iter_codon_records(
             f"{path}: no usable records: all {report.records} were skipped "
             f"({'; '.join(reasons)}). Check that the file holds nucleotide coding sequences"
             + (" or use --frame 0" if settings.frame == "orf" else "")
+            + (
+                f" or lower --min-orf-codons ({settings.min_orf_codons}) or use --frame 0"
+                if settings.frame == "all-orfs"
+                else ""
+            )
             + (
                 " or --on-ambiguous unk"
                 if settings.on_ambiguous == "skip-record" and any("ambiguous" in r for r in reasons)
@@ -372,7 +577,27 @@ def encode_record(
     settings: DataSettings,
     report: FileReport,
 ) -> np.ndarray | None:
-    """Codon ids of one record after cleaning, frame and the policies; None if skipped."""
+    """Codon ids of one record after cleaning, frame and the policies; None if skipped.
+
+    For frames `0` and `orf` (one example per record); see `encode_record_examples`.
+    """
+    assert settings.frame != "all-orfs", "a record gives several examples: encode_record_examples"
+    examples = encode_record_examples(raw, path, label, record_id, settings, report)
+    return None if examples is None else examples[0][1]
+
+
+def encode_record_examples(
+    raw: bytes,
+    path: Path,
+    label: str,
+    record_id: str,
+    settings: DataSettings,
+    report: FileReport,
+) -> list[tuple[Orf | None, np.ndarray]] | None:
+    """The examples of one record after cleaning, frame and the policies; None if skipped.
+
+    One `(None, ids)` under frames `0` and `orf`; under `all-orfs` one `(Orf, ids)` per ORF.
+    """
     if not raw:
         report.empty_records += 1
         _skip(report, record_id, "empty sequence")
@@ -388,23 +613,85 @@ def encode_record(
         _skip(report, record_id, f"shorter than one codon ({len(seq)} bases)")
         return None
 
-    if settings.frame == "orf":
-        orf = find_longest_orf(seq)
-        if orf is None:
-            _skip(report, record_id, "no ATG...stop open reading frame")
-            return None
-        start, end = orf
-    else:
-        start, end = 0, len(seq) - len(seq) % 3
-    ids = encode_sequence(seq[start:end])
+    spans = _frame_spans(seq, settings)
+    if not spans:
+        if settings.frame == "orf":
+            reason = "no ATG...stop open reading frame"
+        else:
+            reason = f"no ATG...stop open reading frame of {settings.min_orf_codons}+ codons"
+        _skip(
+            report, record_id, reason + (" on either strand" if settings.strands == "both" else "")
+        )
+        return None
+    only_acgt = not seq.translate(None, b"ACGT")  # then no span holds an [UNK]
+    if only_acgt and settings.frame == "all-orfs" and settings.long_records == "window":
+        # A clean genome: thousands of ORFs, none with anything to count or check.
+        report.bases_outside_orf += len(seq) - _bases_covered(spans)
+        return [(Orf(record_id, s.start + 1, s.end, s.strand, len(s.ids)), s.ids) for s in spans]
+    examples: list[tuple[Orf | None, np.ndarray]] = []
+    num_unknown = num_invalid = num_cut_records = num_cut_codons = 0
+    partial_kept = False  # frame 0 (one span): its partial codon is an [UNK] in the example
+    for span in spans:
+        ids, invalid_at, partial_at, cut = _shape_span(span, len(seq), invalid, settings)
+        unknown = _NO_POSITIONS if only_acgt else np.flatnonzero(ids == UNK_ID)
+        if len(invalid_at) or partial_at is not None:
+            not_ambiguous = invalid_at if partial_at is None else np.append(invalid_at, partial_at)
+            unknown = np.setdiff1d(unknown, not_ambiguous, assume_unique=True)
+        if len(unknown) and settings.on_ambiguous != "unk":
+            where, codon = _ambiguous_base(seq, span, int(unknown[0]))
+            orf_text = f" in ORF {span.start + 1}-{span.end} ({span.strand})"
+            is_orfs = settings.frame == "all-orfs"
+            if settings.on_ambiguous == "skip-record":
+                _skip(report, record_id, where + (orf_text if is_orfs else ""))
+                return None
+            inside = (
+                f"its ORF {span.start + 1}-{span.end} ({span.strand})" if is_orfs else "the record"
+            )
+            raise DstrainError(
+                f"{path}: {label} has an {where} (codon {codon}, {len(unknown)} ambiguous "
+                f"codon(s) in {inside}; positions count bases after gap removal). "
+                f"--on-ambiguous is 'error'; use --on-ambiguous unk to encode such codons as "
+                f"[UNK] or --on-ambiguous skip-record to leave these records out."
+            )
+        num_unknown += len(unknown)
+        num_invalid += len(invalid_at)
+        num_cut_records += int(cut > 0)
+        num_cut_codons += cut
+        partial_kept = partial_at is not None
+        orf = None
+        if settings.frame == "all-orfs":
+            orf = Orf(record_id, span.start + 1, span.end, span.strand, len(span.ids))
+        examples.append((orf, ids))
+
+    report.unknown_codons += num_unknown
+    report.invalid_codons += num_invalid
+    # Under unk a partial codon that truncation cut off is counted with the cut codons.
+    has_partial = settings.frame == "0" and spans[0].end < len(seq)
+    report.partial_codons += int(has_partial and (settings.partial_codon == "drop" or partial_kept))
+    if settings.frame != "0":
+        report.bases_outside_orf += len(seq) - _bases_covered(spans)
+    report.truncated_records += num_cut_records
+    report.truncated_codons += num_cut_codons
+    return examples
+
+
+def _shape_span(
+    span: _Span, seq_length: int, invalid: np.ndarray, settings: DataSettings
+) -> tuple[np.ndarray, np.ndarray, int | None, int]:
+    """A span's example ids (partial codon, truncation applied), the positions in them of
+    `[UNK]` codons holding an invalid letter and of the partial codon, and the codons cut."""
+    ids = span.ids
+    has_partial = settings.frame == "0" and span.end < seq_length
+    if not len(invalid) and not has_partial and len(ids) <= settings.max_length:
+        return ids, _NO_POSITIONS, None, 0  # the common span (every ORF of a clean genome)
     # [UNK] codons that hold no ambiguity code: a letter outside IUPAC, the partial codon.
     # (Positions in `ids`; both are rare, so the common record pays for neither.)
     invalid_at = _NO_POSITIONS
     if len(invalid):
-        inside = invalid[(invalid >= start) & (invalid < end)]
-        invalid_at = np.unique((inside - start) // 3)
+        inside = invalid[(invalid >= span.start) & (invalid < span.end)]
+        offsets = inside - span.start if span.strand == "+" else span.end - 1 - inside
+        invalid_at = np.unique(offsets // 3)
     partial_at: int | None = None
-    has_partial = settings.frame == "0" and end < len(seq)
     if has_partial and settings.partial_codon == "unk":
         ids = np.append(ids, np.uint8(UNK_ID))
         partial_at = len(ids) - 1
@@ -415,36 +702,33 @@ def encode_record(
         invalid_at = invalid_at[invalid_at < settings.max_length]
         if partial_at is not None and partial_at >= settings.max_length:
             partial_at = None
+    return ids, invalid_at, partial_at, cut
 
-    unknown = np.flatnonzero(ids == UNK_ID)
-    if len(invalid_at) or partial_at is not None:
-        not_ambiguous = invalid_at if partial_at is None else np.append(invalid_at, partial_at)
-        unknown = np.setdiff1d(unknown, not_ambiguous, assume_unique=True)
-    if len(unknown) and settings.on_ambiguous != "unk":
-        codon_start = start + 3 * int(unknown[0])
+
+def _ambiguous_base(seq: bytes, span: _Span, codon_index: int) -> tuple[str, str]:
+    """`ambiguous base 'R' at position P` (1-based, forward strand) and the codon text."""
+    if span.strand == "+":
+        codon_start = span.start + 3 * codon_index
         codon = seq[codon_start : codon_start + 3].decode()
         offset = next(i for i, base in enumerate(codon) if base not in "ACGT")
-        where = f"ambiguous base '{codon[offset]}' at position {codon_start + offset + 1}"
-        if settings.on_ambiguous == "skip-record":
-            _skip(report, record_id, where)
-            return None
-        raise DstrainError(
-            f"{path}: {label} has an {where} (codon {codon}, {len(unknown)} ambiguous "
-            f"codon(s) in the record; positions count bases after gap removal). "
-            f"--on-ambiguous is 'error'; use --on-ambiguous unk to encode such codons as "
-            f"[UNK] or --on-ambiguous skip-record to leave these records out."
-        )
-    report.unknown_codons += len(unknown)
-    report.invalid_codons += len(invalid_at)
-    # Under unk a partial codon that truncation cut off is counted with the cut codons.
-    report.partial_codons += int(
-        has_partial and (settings.partial_codon == "drop" or partial_at is not None)
-    )
-    if settings.frame == "orf":
-        report.bases_outside_orf += len(seq) - (end - start)
-    report.truncated_records += int(cut > 0)
-    report.truncated_codons += cut
-    return ids
+        position = codon_start + offset
+    else:  # the codon read on the reverse strand, from its last forward base down
+        codon_end = span.end - 3 * codon_index
+        codon = reverse_complement(seq[codon_end - 3 : codon_end]).decode()
+        offset = next(i for i, base in enumerate(codon) if base not in "ACGT")
+        position = codon_end - 1 - offset
+    return f"ambiguous base '{chr(seq[position])}' at position {position + 1}", codon
+
+
+def _bases_covered(spans: list[_Span]) -> int:
+    """Bases inside at least one span (spans sorted by start)."""
+    if len(spans) == 1:
+        return spans[0].end - spans[0].start
+    starts = np.array([span.start for span in spans])
+    ends = np.array([span.end for span in spans])
+    furthest = np.maximum.accumulate(ends)  # each span adds what lies past all earlier ends
+    reach = np.concatenate(([0], furthest[:-1]))
+    return int(np.sum(np.maximum(ends - np.maximum(starts, reach), 0)))
 
 
 class _SkipRecord(Exception):

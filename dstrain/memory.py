@@ -52,7 +52,8 @@ stage 3 0.1% for persistent parameters, which the step-time snapshot does not se
 - Stage 0 (runtime/fp16/unfused_optimizer.py, FP16_UnfusedOptimizer, used with a client
   torch optimizer): an fp32 master copy of every param and, in `step`, an fp32 copy of
   every grad beside the 16-bit grads: 2+2+4+4+8 = 20 bytes. fp32 stage 0 is the plain
-  optimizer: 4+4+8 = 16. (With DeepSpeed's FusedAdam the engine picks FP16_Optimizer,
+  optimizer: 4+4+8 = 16. (With DeepSpeed's FusedAdam, which `dstrain train` builds on a
+  GPU for an Adam block without torch_adam, the engine picks FP16_Optimizer,
   runtime/fp16/fused_optimizer.py, which also flattens the fp32 grads: about 8Ψ more,
   briefly. Not modelled.)
 - Stages 1-3 keep a separate fp32 master partition even when training in fp32

@@ -153,6 +153,7 @@ def build_model(
     arch_or_name: GenSLMArchitecture | str | os.PathLike[str],
     *,
     device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
 ) -> GPTNeoXForCausalLM:
     """A randomly initialised GenSLM model in fp32 on `device` (`"meta"`: shapes only).
 
@@ -161,9 +162,15 @@ def build_model(
     or torch's default say, and transformers never starts DeepSpeed's `zero.Init` behind
     the caller's back (`from_config` does while an `HfDeepSpeedConfig` is alive). Seed
     with `torch.manual_seed` first for reproducible weights.
+
+    Attention is torch's `scaled_dot_product_attention` ("sdpa": flash or memory-efficient
+    kernels on a GPU, padding and packed rows through its mask) asked for by name, so a
+    transformers whose default moves does not change training silently; "eager" (the
+    explicit softmax) stays available for comparisons. Not saved in config.json.
     """
     arch = resolve_architecture(arch_or_name)
     config = gpt_neox_config(arch)
+    config._attn_implementation = attn_implementation  # checked by the model's __init__
     with torch.device(device), _default_dtype(torch.float32):
         model = GPTNeoXForCausalLM(config)
     model.generation_config = generation_config(config)  # written by save_pretrained

@@ -6,11 +6,12 @@ Layout of a cache directory (1 byte per codon: the 69-token vocabulary fits in u
     train_tokens.bin       every train example's codon ids back to back (raw uint8)
     train_offsets.npy      int64, num_examples + 1: example i is tokens[off[i]:off[i+1]]
     val_tokens.bin, val_offsets.npy
+    orfs.tsv               `--frame all-orfs` only: every ORF kept, one a line (ORFS_COLUMNS)
 
 `prepare_dataset` reuses a cache whose manifest names the same format, vocabulary, input
 file hashes (in the same order) and token-shaping settings (every DataSettings field, so
-`partial_codon`, `long_records` and `on_invalid` too); `padding` and `loss_on_pad` act at
-batch time and do not invalidate it. A cache written before a settings field existed
+`partial_codon`, `long_records` and `on_invalid` too); `padding`, `loss_on_pad`,
+`batching` and `tokens_per_micro_batch` act at batch time and do not invalidate it. A cache written before a settings field existed
 lacks it in its manifest, so it no longer matches and is rebuilt once (its report also
 lacks the newer counters); `load_prepared` still opens it. Otherwise it rebuilds into a temporary sibling
 directory, writes `manifest.json` last, and publishes it with `dstrain.publish.publish_dir`
@@ -23,6 +24,7 @@ process (rank 0) and let the others wait, then `load_prepared`.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import hashlib
 import json
@@ -49,8 +51,13 @@ CACHE_FORMAT = "dstrain-codon-cache"
 CACHE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
-BATCH_TIME_FIELDS = frozenset({"padding", "loss_on_pad"})
+BATCH_TIME_FIELDS = frozenset({"padding", "loss_on_pad", "batching", "tokens_per_micro_batch"})
 """DataSettings fields used only when batching: changing them keeps the cache."""
+ORFS_NAME = "orfs.tsv"
+ORFS_COLUMNS = ("file", "record_id", "start", "end", "strand", "codons", "split", "sequences")
+"""`orfs.tsv`: the FASTA file (as in the report), the ORF (see `dstrain.fasta.Orf`), the
+split its record hashed into, and the examples (windows) it became."""
+_ORF_FIELDS = ("record_id", "start", "end", "strand", "codons")
 
 _VOCAB_SHA256 = hashlib.sha256("\n".join(VOCAB).encode()).hexdigest()
 _REPORT_TOTALS = tuple(f.name for f in dataclasses.fields(FileReport) if f.type == "int")
@@ -195,6 +202,17 @@ def format_summary(prepared: PreparedData, elapsed_s: float | None = None) -> st
         )
         if file_report["skipped_records"] > 5:
             lines.append(f"    ... and {file_report['skipped_records'] - 5} more (see --json)")
+        if settings.get("frame") == "all-orfs":
+            lines.extend(
+                f"    ORF {o['record_id']} {o['start']:,}-{o['end']:,} ({o['strand']}), "
+                f"{o['codons']:,} codons"
+                for o in file_report["orf_list"][:3]
+            )
+            if file_report["orfs"] > 3:
+                lines.append(
+                    f"    ... and {file_report['orfs'] - 3:,} more ORFs (all in --json and "
+                    f"{prepared.cache_dir / ORFS_NAME})"
+                )
     lines.append(f"  total: {_counts_line(report, settings)}")
     if report["ids_in_several_files"]:
         lines.append(
@@ -216,9 +234,34 @@ def format_summary(prepared: PreparedData, elapsed_s: float | None = None) -> st
 
 
 def report_json(prepared: PreparedData) -> str:
-    """The `prepare --json` document: cache dir, reused flag, totals, splits, per-file."""
+    """The `prepare --json` document: cache dir, reused flag, totals, splits, per-file.
+
+    Under `--frame all-orfs` each file's `orf_list` holds all its ORFs, read from
+    `orfs.tsv` (the manifest keeps the first `MAX_LISTED_ORFS` per file), and `orfs_tsv`
+    names that file."""
     body = {"cache_dir": str(prepared.cache_dir), "reused": prepared.reused, **prepared.report}
+    if prepared.manifest["settings"].get("frame") == "all-orfs":
+        orfs = read_orfs(prepared.cache_dir)
+        body["orfs_tsv"] = str(prepared.cache_dir / ORFS_NAME)
+        files, first = [], 0  # orfs.tsv lists the files' ORFs in the report's file order
+        for file_report in body["files"]:
+            last = first + file_report["orfs"]
+            files.append({**file_report, "orf_list": orfs[first:last]})
+            first = last
+        body["files"] = files
     return json.dumps(body, indent=2) + "\n"
+
+
+def read_orfs(cache_dir: Path) -> list[dict[str, Any]]:
+    """Every ORF of an `all-orfs` cache in file order, as in the report's `orf_list`."""
+    orfs = []
+    with open(Path(cache_dir) / ORFS_NAME, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            orf: dict[str, Any] = {name: row[name] for name in _ORF_FIELDS}
+            for name in ("start", "end", "codons"):
+                orf[name] = int(orf[name])
+            orfs.append(orf)
+    return orfs
 
 
 # --------------------------------------------------------------------------------------
@@ -259,6 +302,11 @@ def _write_splits(paths: list[Path], out_dir: Path, settings: DataSettings) -> d
             split: stack.enter_context(open(out_dir / f"{split}_tokens.bin", "wb"))
             for split in SPLITS
         }
+        orf_rows = None
+        if settings.frame == "all-orfs":
+            orfs_file = stack.enter_context(open(out_dir / ORFS_NAME, "w", encoding="utf-8"))
+            orf_rows = csv.writer(orfs_file, delimiter="\t", lineterminator="\n")
+            orf_rows.writerow(ORFS_COLUMNS)
         for path in paths:
             report = FileReport(path=str(path.resolve()))
             for record in iter_codon_records(path, settings, report):
@@ -270,12 +318,18 @@ def _write_splits(paths: list[Path], out_dir: Path, settings: DataSettings) -> d
                     )
                     else "train"
                 )
-                records[split] += 1
-                for start, end in window_bounds(
+                records[split] += int(record.first_of_record)
+                windows = window_bounds(
                     len(record.ids), settings.max_length, settings.window_overlap
-                ):
+                )
+                for start, end in windows:
                     handles[split].write(record.ids[start:end].tobytes())
                     offsets[split].append(offsets[split][-1] + end - start)
+                if orf_rows is not None and record.orf is not None:
+                    orf, where = record.orf, (report.path, record.record_id)
+                    orf_rows.writerow(
+                        [*where, orf.start, orf.end, orf.strand, orf.codons, split, len(windows)]
+                    )
             file_reports.append(report)
     for split in SPLITS:
         np.save(out_dir / f"{split}_offsets.npy", np.asarray(offsets[split], dtype=np.int64))
@@ -394,6 +448,9 @@ def _load(cache_dir: Path, manifest: dict[str, Any], *, reused: bool) -> Prepare
             else np.zeros(0, dtype=np.uint8)
         )
         splits[split] = TokenSplit(tokens=tokens, offsets=offsets)
+    all_orfs = manifest.get("settings", {}).get("frame") == "all-orfs"
+    if all_orfs and not (cache_dir / ORFS_NAME).is_file():
+        raise _DamagedCache(f"{ORFS_NAME} is missing")
     return PreparedData(
         cache_dir=cache_dir,
         train=splits["train"],
@@ -415,6 +472,9 @@ def _counts_line(counts: dict[str, Any], settings: dict[str, Any]) -> str:
     )
     if settings.get("on_invalid") == "unk":
         line += f", {counts.get('invalid_codons', 0):,} codons with invalid letters ([UNK])"
+    if settings.get("frame") == "all-orfs":
+        strands = " on both strands" if settings.get("strands") == "both" else ""
+        line += f", {counts['orfs']:,} ORFs of {settings['min_orf_codons']}+ codons kept{strands}"
     if settings.get("long_records") == "truncate":
         line += (
             f", {counts.get('truncated_records', 0):,} records truncated "

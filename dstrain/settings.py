@@ -63,9 +63,20 @@ def _takes_bool(annotation: object) -> bool:
 class DataSettings(_Node):
     """How nucleotide FASTA becomes training examples."""
 
-    frame: Literal["0", "orf"] = "0"
+    frame: Literal["0", "orf", "all-orfs"] = "0"
     """Reading frame: `0` reads each record from its first base (upstream GenSLM);
-    `orf` keeps the longest ATG...stop open reading frame of each record."""
+    `orf` keeps the longest ATG...stop open reading frame of each record; `all-orfs` makes
+    every ATG...stop ORF of at least `min_orf_codons` codons its own example (genes from
+    genomes; the report lists each ORF's coordinates)."""
+
+    min_orf_codons: int = Field(default=30, ge=1)
+    """`--frame all-orfs` only (ignored otherwise): shortest ORF kept, in codons counting
+    the stop codon (30 keeps SARS-CoV-2's ORF10, 38 aa + stop = 39 codons)."""
+
+    strands: Literal["forward", "both"] = "forward"
+    """`--frame orf` and `all-orfs`: search the forward strand only, or also the reverse
+    complement (a reverse-strand ORF is read from its own ATG; its coordinates are given
+    on the forward strand)."""
 
     on_ambiguous: Literal["unk", "skip-record", "error"] = "unk"
     """What to do with a codon holding an IUPAC ambiguity code (N, R, Y, ...): map it to
@@ -95,6 +106,19 @@ class DataSettings(_Node):
     """Count padding positions in the loss (upstream GenSLM does; wrong, kept for
     reproducing old numbers). By default pad labels are -100 and ignored."""
 
+    batching: Literal["random", "grouped", "packed"] = "random"
+    """How examples make micro-batches (a seeded shuffle every epoch, the same number of
+    micro-batches on every rank): `random` draws them in shuffled order (padding each to
+    its longest); `grouped` sorts chunks of the shuffled examples by length so each
+    micro-batch holds similar lengths, then shuffles the micro-batches; `packed` lays
+    several whole examples end to end in rows of `max_length` codons (attention and
+    positions restart at each example), nearly no padding."""
+
+    tokens_per_micro_batch: int | None = Field(default=None, ge=1)
+    """Token budget of a micro-batch: as many examples (rows when packed) as keep rows x
+    longest row within it, e.g. 8192 = 16 examples of 512 codons or 4 of 2048. Unset:
+    train_micro_batch_size_per_gpu examples (rows) per micro-batch."""
+
     partial_codon: Literal["drop", "unk"] = "drop"
     """A trailing 1-2 base remainder (frame 0): `drop` it (counted), or keep it as one
     `[UNK]` token at the end of the record, as upstream GenSLM's tokenizer does."""
@@ -122,11 +146,37 @@ class DataSettings(_Node):
                 f"only; --long-records truncate makes one example per record. Drop "
                 f"--window-overlap or use --long-records window"
             )
-        if self.frame == "orf" and self.partial_codon == "unk":
+        if self.frame != "0" and self.partial_codon == "unk":
             raise ValueError(
-                "--partial-codon unk applies to --frame 0 only: an ORF is whole codons from "
-                "ATG to its stop, so it has no trailing partial codon. Drop --partial-codon "
-                "or use --frame 0"
+                f"--partial-codon unk applies to --frame 0 only (not --frame {self.frame}): "
+                "an ORF is whole codons from ATG to its stop, so it has no trailing partial "
+                "codon. Drop --partial-codon or use --frame 0"
+            )
+        if self.frame == "0" and self.strands == "both":
+            raise ValueError(
+                "--strands both applies to --frame orf and --frame all-orfs only: --frame 0 "
+                "reads each record as given, from its first base. Drop --strands or use "
+                "--frame orf or --frame all-orfs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> DataSettings:
+        budget = self.tokens_per_micro_batch
+        if self.batching == "packed" and self.loss_on_pad:
+            raise ValueError(
+                "--loss-on-pad trains on padding, and --batching packed leaves almost none (a "
+                "packed row holds several examples). Drop --loss-on-pad, or use --batching "
+                "random or grouped to reproduce upstream's pad-included loss"
+            )
+        row = "a packed row holds up" if self.batching == "packed" else None
+        if self.padding == "max_length":
+            row = "--padding max_length pads every row"
+        if budget is not None and row and budget < self.max_length:
+            raise ValueError(
+                f"--tokens-per-micro-batch {budget} is smaller than one row: {row} to "
+                f"--max-length {self.max_length} codons. Raise --tokens-per-micro-batch to at "
+                f"least {self.max_length} (a multiple of it, e.g. {4 * self.max_length})"
             )
         return self
 
@@ -249,10 +299,14 @@ class OptimizerSettings(_Node):
     weight_decay: float = Field(default=0.01, ge=0.0)
     """Decoupled weight decay."""
 
-    torch_adam: bool = True
-    """Use torch's AdamW instead of DeepSpeed's FusedAdam. FusedAdam is a CUDA kernel
-    compiled on first use (about a minute); torch's is as good on CPU and fine on GPU.
-    Optimizer offload always uses DeepSpeed's CPU Adam, whatever this says."""
+    torch_adam: bool | None = None
+    """Which Adam DeepSpeed builds. Unset (auto): the JSON leaves `torch_adam` out, so one
+    file fits any machine, and `dstrain train` picks per device: DeepSpeed's FusedAdam on
+    a GPU (a CUDA kernel JIT-compiled on first use, about a minute, then cached in
+    ~/.cache/torch_extensions; torch's AdamW where it cannot be built) and torch's AdamW
+    on CPU (no build; as fast there). true (--torch-adam): always torch's AdamW; false
+    (--fused-adam): always FusedAdam. Optimizer offload always uses DeepSpeed's CPU Adam,
+    whatever this says."""
 
 
 class SchedulerSettings(_Node):

@@ -20,9 +20,11 @@ Batch arithmetic: global batch = micro batch x accumulation x data-parallel rank
 H3N2 HA record.
 
 Epoch tail: data flows as one stream of micro-batches, epoch after epoch (each epoch
-reshuffled from seed + epoch by a DistributedSampler), so an accumulation window may span
-an epoch boundary and no example is dropped mid-run. With --epochs the run is planned as
-floor(epochs x micro-batches per epoch / accumulation) optimizer steps: the few
+reshuffled from seed + epoch and cut into micro-batches by `dstrain.batch_plan`: --batching
+random, grouped or packed, by count or --tokens-per-micro-batch; every rank runs as many),
+so an accumulation window may span an epoch boundary and no example is dropped mid-run.
+With --epochs the run is planned as floor(epochs x micro-batches per epoch / accumulation)
+optimizer steps (micro-batches per epoch as each epoch's plan makes them): the few
 micro-batches left at the end of the final epoch (less than one window) are not used,
 never stepped with a wrong scale, and the banner says how many. With --max-steps the
 stream simply runs on until that step.
@@ -53,11 +55,13 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,7 +77,7 @@ from dstrain.ds_run import (
 )
 from dstrain.ds_runtime import check_rendezvous_env
 from dstrain.errors import DstrainError
-from dstrain.settings import TrainSettings
+from dstrain.settings import DataSettings, TrainSettings
 from dstrain.watchdog import (
     Watchdog,
     parent_spec,
@@ -234,16 +238,13 @@ def deepspeed_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_ds_config(flags: dict[str, Any], *, demo: bool, world_size: int) -> CheckedConfig:
     """The DeepSpeed config without --deepspeed_config: DeepSpeedSettings' defaults, the
-    demo preset for the demo, the device's precision (bf16 on a GPU that supports it, else
+    demo preset for the demo, the device's precision (bf16 on a GPU with native bf16, else
     fp32: bf16 matmuls are slow on CPUs), then the DeepSpeed flags given; checked like any
     file, each problem naming its flag."""
-    import torch
-
     from dstrain.cli_options import deepspeed_specs, ds_config_from_flags
 
     base = json.loads(json.dumps(DEMO_PRESET["deepspeed"])) if demo else {}
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    base["precision"] = "bf16" if bf16 else "fp32"
+    base["precision"] = "bf16" if native_bf16() else "fp32"
     source = "the demo preset and DeepSpeed flags" if demo else "the DeepSpeed flags"
     config, warnings = ds_config_from_flags(
         deepspeed_specs(), flags, base, source, world_size=world_size
@@ -422,18 +423,51 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
     return prepared, sources, cache_dir
 
 
+def sampler_order(num_examples: int, seed: int, epoch: int):
+    """One epoch's shuffled example order, as torch's DistributedSampler draws it
+    (torch.randperm seeded seed + epoch); every batching mode starts from it, and random
+    batching without a token budget is exactly the sampler's layout."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(num_examples, generator=generator).numpy()
+
+
+def plan_train_epoch(lengths, data: DataSettings, *, micro: int, epoch: int, seed: int, world: int):
+    """The `dstrain.batch_plan.EpochPlan` of one training epoch under these data settings."""
+    from dstrain.batch_plan import plan_epoch
+
+    return plan_epoch(
+        lengths,
+        mode=data.batching,
+        micro=micro,
+        tokens_per_micro_batch=data.tokens_per_micro_batch,
+        max_length=data.max_length,
+        epoch=epoch,
+        seed=seed,
+        world=world,
+        padding=data.padding,
+        order=sampler_order(len(lengths), seed, epoch),
+    )
+
+
 def epoch_batches(
     num_examples: int, micro: int, epoch: int, seed: int, rank: int, world: int
 ) -> list[list[int]]:
-    """This rank's micro-batches of example indices for one epoch."""
-    from torch.utils.data import DistributedSampler
+    """This rank's micro-batches of example indices for one epoch of random batching
+    without a budget (a DistributedSampler's shares cut into micro-batches)."""
+    import numpy as np
 
-    sampler = DistributedSampler(
-        range(num_examples), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
+    plan = plan_train_epoch(
+        np.ones(num_examples, dtype=np.int64),
+        DataSettings(max_length=8),
+        micro=micro,
+        epoch=epoch,
+        seed=seed,
+        world=world,
     )
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    return [order[i : i + micro] for i in range(0, len(order), micro)]
+    return [[row[0] for row in rows] for rows in plan.share(rank)]
 
 
 # --------------------------------------------------------------------------------------
@@ -684,7 +718,8 @@ class RunPlan:
 
     micro_per_epoch: int
     """Micro-batches per epoch on each rank (the DistributedSampler pads every rank's share
-    to ceil(examples / world), cut into micro-batches, the last one short)."""
+    to ceil(examples / world), cut into micro-batches, the last one short); with a token
+    budget or packing, those of epoch 0 (later epochs may differ by a few)."""
 
     total_steps: int
     """Optimizer steps the run ends at (--max-steps, or what --epochs give)."""
@@ -702,29 +737,45 @@ def plan_run(
     accum: int,
     epochs: float,
     max_steps: int | None,
+    epoch_micro: Callable[[int], int] | None = None,
 ) -> RunPlan:
     """The run's plan, pure arithmetic. E.g. 96 examples on 2 ranks, micro 4, accum 4:
     ceil(48 / 4) = 12 micro-batches per epoch per rank; 2.5 epochs = 30 micro-batches
-    = 7 steps of 4, and the last 2 micro-batches are not used."""
-    micro_per_epoch = math.ceil(math.ceil(num_examples / world) / micro)
+    = 7 steps of 4, and the last 2 micro-batches are not used.
+
+    `epoch_micro(epoch)`: micro-batches per rank of each epoch where the batching plan sets
+    them (a token budget, packing: they may vary from epoch to epoch); --epochs E then
+    counts those of the first floor(E) epochs and the fraction of the next."""
+    layout = f"{num_examples} examples / {world} ranks / micro batch {micro}"
+    if epoch_micro is None:
+        micro_per_epoch = math.ceil(math.ceil(num_examples / world) / micro)
+    else:
+        micro_per_epoch = epoch_micro(0)
+        layout = f"{num_examples} examples on {world} ranks, micro-batches as --batching plans"
     if accum > MAX_EPOCHS_PER_STEP * micro_per_epoch:  # one step would (nearly) never end
         raise DstrainError(
             f"gradient_accumulation_steps {accum} would make one optimizer step read the "
-            f"training data about {accum // micro_per_epoch:,} times over ({num_examples} "
-            f"examples / {world} ranks / micro batch {micro} = {micro_per_epoch} "
-            f"micro-batch(es) per epoch); dstrain refuses more than {MAX_EPOCHS_PER_STEP} "
-            "epochs per step. Lower the accumulation (--grad-accum) or give more data"
+            f"training data about {accum // micro_per_epoch:,} times over ({layout} = "
+            f"{micro_per_epoch} micro-batch(es) per epoch); dstrain refuses more than "
+            f"{MAX_EPOCHS_PER_STEP} epochs per step. Lower the accumulation (--grad-accum) or "
+            "give more data"
         )
     if max_steps is not None:  # the stream runs on across epochs until that step
         return RunPlan(micro_per_epoch=micro_per_epoch, total_steps=max_steps, unused_tail=0)
-    planned_micro = int(epochs * micro_per_epoch)
+    if epoch_micro is None:
+        planned_micro = int(epochs * micro_per_epoch)
+    else:
+        whole = math.floor(epochs)
+        planned_micro = sum(epoch_micro(epoch) for epoch in range(whole))
+        if epochs > whole:
+            planned_micro += int((epochs - whole) * epoch_micro(whole))
     total_steps, unused_tail = divmod(planned_micro, accum)
     if total_steps == 0:
         raise DstrainError(
             f"no optimizer step would run: {epochs:g} epoch(s) give {planned_micro} "
-            f"micro-batch(es) per rank ({num_examples} examples / {world} ranks / micro batch "
-            f"{micro}) but gradient_accumulation_steps is {accum}. Raise --epochs, or lower "
-            "the micro batch or accumulation."
+            f"micro-batch(es) per rank ({layout}) but gradient_accumulation_steps is {accum}. "
+            "Raise --epochs, or lower the micro batch (or --tokens-per-micro-batch) or "
+            "accumulation."
         )
     return RunPlan(
         micro_per_epoch=micro_per_epoch, total_steps=total_steps, unused_tail=unused_tail
@@ -797,15 +848,85 @@ class ThroughputWindow:
         )
 
 
+def training_device_type() -> str:
+    """The accelerator DeepSpeed will train on, as deepspeed.accelerator picks it:
+    DS_ACCELERATOR when set, else `cuda` when torch sees a GPU, else `cpu`."""
+    import torch
+
+    forced = os.environ.get("DS_ACCELERATOR")
+    if forced:
+        return forced
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+
+
+def native_bf16() -> bool:
+    """A GPU with bf16 in hardware (compute capability 8.0+). torch's plain
+    `is_bf16_supported()` is also True on a V100, where it emulates bf16, slowly."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def fused_adam_status() -> tuple[str, str | None]:
+    """(how FusedAdam gets onto this machine, why it cannot or None), for
+    `choose_optimizer` on a GPU: prebuilt in the DeepSpeed wheel, or JIT-built by
+    DeepSpeed's op builder, which needs ninja and a CUDA toolkit (nvcc) even to load a
+    cached build; torch's pip wheels bring no nvcc."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("fused_adam"):
+        return "prebuilt in the DeepSpeed wheel", None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
+    how = f"JIT-built on first use, ~1 min, cached in {root}"
+    if CUDA_HOME is None:
+        return how, "no CUDA toolkit (nvcc) to build it; set CUDA_HOME"
+    if shutil.which("ninja") is None:
+        return how, "no ninja on PATH to build it (pip install ninja)"
+    return how, None
+
+
+def device_config(checked: CheckedConfig) -> tuple[dict[str, Any], str]:
+    """(the config for `deepspeed.initialize` on this machine, the optimizer it builds):
+    `choose_optimizer` given this machine's device, after refusing bf16 on a GPU that
+    only emulates it."""
+    from dstrain.ds_run import check_device_precision, choose_optimizer
+
+    device = training_device_type()
+    check_device_precision(
+        checked.run, device, native_bf16=device != "cuda" or native_bf16(), source=checked.source
+    )
+    if device == "cpu":
+        return choose_optimizer(checked.config, device)
+    how, problem = fused_adam_status()
+    return choose_optimizer(checked.config, device, fused_adam=how, fused_adam_problem=problem)
+
+
+def device_line(engine, precision: str, optimizer: str) -> str:
+    """The banner's line of per-device choices: `device cuda:0 (NVIDIA H100 80GB HBM3) |
+    bf16 | FusedAdam (...) | attention sdpa`."""
+    import torch
+
+    device = str(engine.device)
+    if engine.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(engine.device)})"
+    attention = getattr(engine.module.config, "_attn_implementation", None) or "default"
+    return f"device {device} | {precision} | {optimizer} | attention {attention}"
+
+
 def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
-    """The model (random or --init-checkpoint weights) wrapped by `deepspeed.initialize`."""
+    """The model (random or --init-checkpoint weights, SDPA attention) wrapped by
+    `deepspeed.initialize`, with the config `device_config` makes for this machine."""
     import deepspeed
     import torch
 
     from dstrain.model import build_model, load_init_checkpoint
 
+    # Refuses emulated bf16 before anything is built; CPU: torch AdamW for an auto block.
+    config, _optimizer = device_config(checked)
     torch.manual_seed(settings.seed)
-    model = build_model(arch)
+    model = build_model(arch, attn_implementation="sdpa")
     if settings.init_checkpoint:
         load_init_checkpoint(
             model, settings.init_checkpoint, trust_checkpoint=settings.trust_checkpoint
@@ -824,7 +945,7 @@ def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
             # torch.load(weights_only=True) (dstrain.checkpoints.checkpoint_globals).
             model=model,
             model_parameters=groups,
-            config=json.loads(json.dumps(checked.config)),
+            config=json.loads(json.dumps(config)),
         )
     except ValueError as exc:
         if "not supported on your device" not in str(exc):
@@ -853,7 +974,9 @@ class Trainer:
     ):
         import deepspeed.comm as dist
 
-        from dstrain.batching import CodonCollator, CodonDataset
+        from dstrain.batch_plan import check_budget, counts_vary
+        from dstrain.batching import CodonCollator, CodonDataset, PackedCollator
+        from dstrain.prepare import BATCH_TIME_FIELDS
 
         self.settings, self.checked, self.config_source = settings, checked, config_source
         self.run = checked.run  # the only reading of the DeepSpeed JSON (dstrain.ds_run)
@@ -869,13 +992,28 @@ class Trainer:
         self.prepared, self.sources, self.cache_dir = load_data(
             settings, self.output_dir, self.rank, dist
         )
-        # padding and loss_on_pad act at batch time: this run's flags, not the cache's.
+        # padding, loss_on_pad and batching act at batch time: this run's flags, not the cache's.
         self.data_settings = self.prepared.settings.model_copy(
-            update={"padding": settings.data.padding, "loss_on_pad": settings.data.loss_on_pad}
+            update={name: getattr(settings.data, name) for name in BATCH_TIME_FIELDS}
         )
         self.train_set = CodonDataset(self.prepared.train)
         self.val_set = CodonDataset(self.prepared.val)
+        self.lengths = self.train_set.lengths()
+        data = self.data_settings
+        try:  # a budget that cannot hold the longest example: before any model is built
+            check_budget(
+                self.lengths,
+                mode=data.batching,
+                tokens_per_micro_batch=data.tokens_per_micro_batch,
+                max_length=data.max_length,
+                padding=data.padding,
+            )
+        except DstrainError as exc:
+            raise same_on_all_ranks(exc) from None
         self.collate = CodonCollator.from_settings(self.data_settings)
+        # Packed rows (several examples each) go through PackedCollator; other rows hold one.
+        self.pack = PackedCollator.from_settings(data) if data.batching == "packed" else None
+        self._epoch_plan: tuple[int, Any] | None = None
         # --loss-on-pad also reports upstream's pad-included validation loss, which pads
         # every example to max_length (the masked loss is the same at any padding).
         self.eval_collate = (
@@ -891,6 +1029,13 @@ class Trainer:
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
         try:
+            first = self.epoch_plan(0)
+            if data.batching == "random" and data.tokens_per_micro_batch is None:
+                epoch_micro = None  # DistributedSampler's arithmetic, as always
+            elif counts_vary(data.batching, data.tokens_per_micro_batch):
+                epoch_micro = self.micro_per_epoch
+            else:
+                epoch_micro = lambda _epoch: first.micro_per_rank  # noqa: E731
             self.plan = plan_run(
                 len(self.train_set),
                 world=self.world,
@@ -898,6 +1043,7 @@ class Trainer:
                 accum=self.accum,
                 epochs=settings.epochs,
                 max_steps=settings.max_steps,
+                epoch_micro=epoch_micro,
             )
         except DstrainError as exc:
             raise same_on_all_ranks(exc) from None
@@ -908,9 +1054,7 @@ class Trainer:
         # Only now: a refused resume must leave the run's settings.json as it was.
         self._write_run_files()
 
-        self.estimate = estimate_run_memory(
-            arch, self.run, self.world, self._longest_sequence(), self.micro
-        )
+        self.estimate = estimate_run_memory(arch, self.run, self.world, *self._activation_shape())
         self._banner()
 
         # Telemetry: the fp16 guard, the throughput window, metrics.jsonl, the bar.
@@ -1063,6 +1207,15 @@ class Trainer:
                 if f.default is not dataclasses.MISSING
             }
             saved = {**saved, "architecture": {**defaults, **saved["architecture"]}}
+        if isinstance(saved.get("data_settings"), dict):
+            # Data fields added since (e.g. min_orf_codons, strands) compare at their defaults.
+            from dstrain.prepare import BATCH_TIME_FIELDS
+            from dstrain.settings import DataSettings
+
+            defaults = DataSettings().model_dump(exclude=set(BATCH_TIME_FIELDS))
+            saved = {**saved, "data_settings": {**defaults, **saved["data_settings"]}}
+        if "data_settings" in saved and "batching" not in saved:  # written before --batching
+            saved = {**saved, "batching": {"mode": "random", "tokens_per_micro_batch": None}}
         diffs = [
             f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
             for key, value in now.items()
@@ -1077,10 +1230,16 @@ class Trainer:
 
     def run_identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run that saved the checkpoint."""
+        from dstrain.prepare import BATCH_TIME_FIELDS
+
         return {
             "architecture": self.arch.to_dict(),
             "seed": self.settings.seed,
-            "data_settings": self.data_settings.model_dump(exclude={"padding", "loss_on_pad"}),
+            "data_settings": self.data_settings.model_dump(exclude=set(BATCH_TIME_FIELDS)),
+            "batching": {
+                "mode": self.data_settings.batching,
+                "tokens_per_micro_batch": self.data_settings.tokens_per_micro_batch,
+            },
             "source_sha256": [src.get("sha256") for src in self.prepared.manifest["sources"]],
             "batch": {"micro": self.micro, "accum": self.accum, "world": self.world},
             "zero_stage": self.engine.zero_optimization_stage(),
@@ -1100,11 +1259,52 @@ class Trainer:
         if len(kept) != len(lines):
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
-    def _longest_sequence(self) -> int:
-        """Tokens in the longest batch row: what the activation estimate needs."""
-        if self.data_settings.padding == "max_length":
-            return self.data_settings.max_length
-        return int(self.prepared.train.lengths().max())
+    def _activation_shape(self) -> tuple[int, int]:
+        """(tokens in the widest row, rows of a micro-batch that wide): what the activation
+        estimate needs. With a token budget the widest micro-batch is budget // widest rows
+        of the widest row (rows x length is capped; attention grows with the length)."""
+        data = self.data_settings
+        if data.padding == "max_length" or data.batching == "packed":
+            longest = data.max_length
+        else:
+            longest = int(self.lengths.max())
+        budget = data.tokens_per_micro_batch
+        return longest, self.micro if budget is None else max(1, budget // longest)
+
+    # -- the batch plan -------------------------------------------------------------------
+
+    def epoch_plan(self, epoch: int):
+        """The EpochPlan of `epoch` (the latest one is kept: the loop asks once per epoch)."""
+        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            plan = plan_train_epoch(
+                self.lengths,
+                self.data_settings,
+                micro=self.micro,
+                epoch=epoch,
+                seed=self.settings.seed,
+                world=self.world,
+            )
+            self._epoch_plan = (epoch, plan)
+        return self._epoch_plan[1]
+
+    def micro_per_epoch(self, epoch: int) -> int:
+        """Micro-batches per rank of `epoch` (planned, not kept: the run plan asks for many)."""
+        if self._epoch_plan is not None and self._epoch_plan[0] == epoch:
+            return self._epoch_plan[1].micro_per_rank
+        return plan_train_epoch(
+            self.lengths,
+            self.data_settings,
+            micro=self.micro,
+            epoch=epoch,
+            seed=self.settings.seed,
+            world=self.world,
+        ).micro_per_rank
+
+    def collate_rows(self, rows: list[list[int]]) -> dict[str, Any]:
+        """A planned micro-batch (rows of example indices) as model inputs."""
+        if self.pack is not None:
+            return self.pack([[self.train_set[i] for i in row] for row in rows])
+        return self.collate([self.train_set[i] for row in rows for i in row])
 
     def _banner(self) -> None:
         from dstrain.memory import format_run_banner
@@ -1117,6 +1317,7 @@ class Trainer:
             f"world size {self.world} | device {engine.device}"
         )
         log(f"  config: {self.config_source}")
+        log(f"  {device_line(engine, self.precision, device_config(self.checked)[1])}")
         for note in self.run.notes:
             log(f"  config note: {note}")
         built = engine_run_mismatch(engine, self.run)
@@ -1130,12 +1331,19 @@ class Trainer:
         )
         if len(self.val_set) == 0:
             log("  no validation examples (--val-fraction or too few records): no evaluation")
+        data, first = self.data_settings, self.epoch_plan(0)
+        if data.batching == "random" and data.tokens_per_micro_batch is None:
+            micro = f"{self.micro} micro"
+            per_step = f"{seq_per_step} sequences = ~{seq_per_step * mean_len:,.0f} codons"
+        else:  # the plan sizes the micro-batches: epoch 0's mean
+            micro = "planned micro"
+            codons = first.num_tokens / first.num_micro_batches * self.accum * self.world
+            per_step = f"~{codons:,.0f} codons (epoch 0's mean)"
         log(
-            f"  batch: {self.micro} micro x {self.accum} accum x {self.world} ranks = "
-            f"{seq_per_step} sequences = ~{seq_per_step * mean_len:,.0f} codons per step; "
-            f"padding {self.data_settings.padding}"
-            f"{', loss on pads' if self.data_settings.loss_on_pad else ''}"
+            f"  batch: {micro} x {self.accum} accum x {self.world} ranks = {per_step} per "
+            f"step; padding {data.padding}{', loss on pads' if data.loss_on_pad else ''}"
         )
+        log(f"  {self._batching_line()}")
         plan = self.plan
         tail = (
             f"; the last {plan.unused_tail} micro-batch(es) of the final epoch make a "
@@ -1154,6 +1362,34 @@ class Trainer:
             log(f"  {line}")
         log(f"  watchdog: {self.watchdog.describe()}")
         log(f"  outputs: {self.output_dir}")
+
+    def _batching_line(self) -> str:
+        """The banner's batching line: mode, budget or count, and epoch 0's plan."""
+        data, first = self.data_settings, self.epoch_plan(0)
+        unit = "rows" if data.batching == "packed" else "sequences"
+        size = (
+            f"micro-batches of at most {data.tokens_per_micro_batch:,} tokens (rows x longest row)"
+            if data.tokens_per_micro_batch
+            else f"{self.micro} {unit} per micro-batch"
+        )
+        how = {
+            "random": "random",
+            "grouped": "grouped by length",
+            "packed": f"packed into rows of {data.max_length:,} codons",
+        }[data.batching]
+        repeats = ""
+        if first.repeated_micro_batches:
+            repeats = (
+                f"; its first {first.repeated_micro_batches} micro-batch(es) "
+                f"({first.repeated_examples} examples) run again at the end so that every rank "
+                f"runs {first.micro_per_rank}"
+            )
+        elif first.repeated_examples:
+            repeats = f"; {first.repeated_examples} example(s) repeated to fill every rank's share"
+        return (
+            f"batching: {how}, {size}; epoch 0: {first.micro_per_rank} micro-batches per rank, "
+            f"{first.useful_share:.1%} of positions are codons{repeats}"
+        )
 
     def _zero_lr_warning(self) -> str:
         """A warm-up schedule that runs the first or the last step of this run at lr 0
@@ -1312,7 +1548,7 @@ class Trainer:
         """Micro-batches until the planned step; returns the signal name if one stopped it."""
         from dstrain.batching import count_tokens
 
-        engine, settings, loop = self.engine, self.settings, self.loop
+        engine, loop = self.engine, self.loop
         total_steps = self.plan.total_steps
         if self.stop_requested():
             return self.stop.signal_name or "a signal on another rank"
@@ -1320,16 +1556,10 @@ class Trainer:
         self.watchdog.enter("first step")  # JIT builds and warm-up: a long phase
         try:
             while engine.global_steps < total_steps:
-                batches = epoch_batches(
-                    len(self.train_set),
-                    self.micro,
-                    loop.epoch,
-                    settings.seed,
-                    self.rank,
-                    self.world,
-                )
+                batches = self.epoch_plan(loop.epoch).share(self.rank)
                 for index in range(loop.micro_in_epoch, len(batches)):
-                    batch = self.collate([self.train_set[i] for i in batches[index]])
+                    rows = batches[index]
+                    batch = self.collate_rows(rows)
                     counts = count_tokens(batch)
                     batch = {k: v.to(engine.device) for k, v in batch.items()}
                     loss = engine(**batch, use_cache=False).loss
@@ -1339,7 +1569,7 @@ class Trainer:
                         step_lr = float(engine.get_lr()[0])
                     engine.step()
                     self.watchdog.micro_done()
-                    num_samples = len(batches[index])
+                    num_samples = sum(map(len, rows))
                     self.window.add(
                         loss.item(), counts.num_tokens, counts.num_real_tokens, num_samples
                     )

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks: what dstrain exists for, side by side with what a user would otherwise run.
 
-    .venv/bin/python scripts/bench.py                   # full run: ~4 min on 2 CPU cores
+    .venv/bin/python scripts/bench.py                   # full run: ~40 min on 2 CPU cores
     .venv/bin/python scripts/bench.py --update-readme   # ... and refresh README's table
     .venv/bin/python scripts/bench.py --quick -o /tmp/bench.json   # seconds (the test's)
 
@@ -14,7 +14,8 @@ Both sides of a comparison run in this one process or back to back, interleaved
 of the CPU that other processes took meanwhile (the noise it was measured under).
 
 1. Useful tokens/s (non-pad codons) on the bundled H3N2 HA set for genslm_tiny,
-   genslm_small and genslm_25M, each side with the same model and ZeRO-2 bf16 config (`dstrain gen-config --zero 2 --bf16 --micro-batch 8`), the real
+   genslm_small and genslm_25M, each side with the same model and ZeRO-2 bf16 config (`dstrain gen-config --zero 2 --bf16 --torch-adam --micro-batch 8`: torch
+   AdamW on every side, the HF Trainer and bare engines included), the real
    loop (`dstrain.train.main`, per-step rows of OUTPUT_DIR/metrics.jsonl, warm-up steps
    dropped): `--padding longest` (dstrain's default) vs `--padding max_length
    --loss-on-pad` (upstream GenSLM: every record padded to 2048, pads in the loss).
@@ -47,6 +48,15 @@ of the CPU that other processes took meanwhile (the noise it was measured under)
    special tokens suppressed) vs transformers' `generate` called as upstream's
    `generate_dna` does (top-k 50, top-p 0.95, min_length = max_length, prompt ATG), same
    model, rows and length, interleaved. No target: a figure, with the ratio.
+9. Mixed-length set (`--only mixed`): every ORF of >= 30 codons of the bundled SARS-CoV-2
+   genomes (`--frame all-orfs`) plus the bundled H3N2 HA/NA records, one token cache at a
+   512-codon context; for genslm_small and genslm_25M, same ZeRO-2 bf16 config (micro 4),
+   interleaved repetitions of the real loop with `--batching random` (4 sequences per
+   micro-batch), `--batching grouped` and `--batching packed` (token budget 2,048 = 4 x
+   512, random's worst micro-batch), and the HF Trainer (`train_sampling_strategy=
+   "group_by_length"`, micro 4, `deepspeed=` the same JSON, same model and seed, in a
+   child process). Useful-token share, useful tokens/s and s/step per side. Targets:
+   packed share >= 95%; packed useful tokens/s >= 1.5x random and >= 1.2x the HF Trainer.
 """
 
 from __future__ import annotations
@@ -106,6 +116,22 @@ class ThroughputRuns:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixedRuns:
+    """One model's share of the mixed-length comparison (section 9)."""
+
+    runs: int
+    """Repetitions; each runs the four sides interleaved (random, grouped, packed, HF)."""
+    steps: int
+    """Optimizer steps per dstrain run (each of random, grouped, packed)."""
+    hf_steps: int | None
+    """Optimizer steps per HF Trainer run; None: the warm-up plus one whole mega-batch of
+    its length-grouped sampler (its batches come longest first within a mega-batch, so
+    fewer steps would sample only its longest, least padded batches)."""
+    warmup_steps: int
+    """Leading steps of every run left out of the samples (at least 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """How much of everything to run: `FULL` for the results file, `QUICK` for the test."""
 
@@ -136,6 +162,13 @@ class Plan:
     generate_rows: int
     generate_codons: int
     generate_runs: int
+    mixed: dict[str, MixedRuns]
+    """Models in the mixed-length comparison (section 9), and how long."""
+    mixed_max_length: int
+    """The mixed set's context in codons (longer ORFs and records are cut into windows)."""
+    mixed_micro_batch: int
+    """Sequences per micro-batch of the fixed-count sides (dstrain random, HF Trainer); the
+    token budget of grouped and packed is this times `mixed_max_length`."""
 
 
 FULL = Plan(
@@ -168,6 +201,15 @@ FULL = Plan(
     generate_rows=8,
     generate_codons=256,
     generate_runs=2,
+    # On 2 CPU cores genslm_small trains ~3,000 positions/s, genslm_25M ~150 (~14 s per
+    # 2,048-position step): ~2.5 min for genslm_small's two repetitions, ~7 min for
+    # genslm_25M's one, half of it the HF run (warm-up + a 38-batch mega-batch).
+    mixed={
+        "genslm_small": MixedRuns(runs=2, steps=10, hf_steps=None, warmup_steps=2),
+        "genslm_25M": MixedRuns(runs=1, steps=4, hf_steps=None, warmup_steps=1),
+    },
+    mixed_max_length=512,
+    mixed_micro_batch=4,
 )
 DEFAULT_THROUGHPUT_RUNS = ThroughputRuns(
     runs=1, longest_steps=6, max_length_steps=3, warmup_steps=1
@@ -199,6 +241,9 @@ QUICK = Plan(
     generate_rows=2,
     generate_codons=16,
     generate_runs=1,
+    mixed={"genslm_tiny": MixedRuns(runs=1, steps=3, hf_steps=3, warmup_steps=1)},
+    mixed_max_length=128,
+    mixed_micro_batch=4,
 )
 
 BF16_PEAK_FLOPS = (
@@ -612,9 +657,13 @@ def ha_fasta_paths() -> list[Path]:
     return [p for p in bundled_fasta_paths() if p.name.startswith("ha_")]
 
 
-def write_ds_config(tmp: Path) -> Path:
-    """`dstrain gen-config --zero 2 --bf16 --micro-batch 8`, run the way a user runs it."""
-    path = tmp / "zero2_bf16.json"
+def write_ds_config(tmp: Path, micro_batch: int = MICRO_BATCH) -> Path:
+    """`dstrain gen-config --zero 2 --bf16 --torch-adam --micro-batch N` (8 unless given), run
+    the way a user runs it. `--torch-adam` is explicit: dstrain's loop picks torch AdamW on
+    CPU by itself, but the bare engines and the HF Trainer would build FusedAdam."""
+    path = tmp / (
+        "zero2_bf16.json" if micro_batch == MICRO_BATCH else f"zero2_bf16_{micro_batch}.json"
+    )
     subprocess.run(
         [
             *dstrain_command(),
@@ -622,8 +671,9 @@ def write_ds_config(tmp: Path) -> Path:
             "--zero",
             "2",
             "--bf16",
+            "--torch-adam",
             "--micro-batch",
-            "8",
+            str(micro_batch),
             "-o",
             str(path),
         ],
@@ -635,12 +685,19 @@ def write_ds_config(tmp: Path) -> Path:
 
 
 def run_dstrain(
-    out_dir: Path, model: str, steps: int, ds_config: Path, cache_dir: Path, *extra: str
+    out_dir: Path,
+    model: str,
+    steps: int,
+    ds_config: Path,
+    cache_dir: Path,
+    *extra: str,
+    fasta: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """`dstrain train` in this process; its per-step metric rows."""
+    """`dstrain train` in this process (on the bundled HA set, or `fasta`: files or a
+    prepared cache directory); its per-step metric rows."""
     from dstrain.train import main
 
-    args = ["--model", model, "--fasta", *map(str, ha_fasta_paths())]
+    args = ["--model", model, "--fasta", *map(str, fasta or ha_fasta_paths())]
     args += ["--deepspeed_config", str(ds_config), "--output-dir", str(out_dir)]
     args += ["--cache-dir", str(cache_dir), "--max-steps", str(steps), "--log-every", "1"]
     args += ["--eval-every", "0", "--max-eval-batches", "1", "--no-export", *extra]
@@ -1196,6 +1253,494 @@ def bench_generate(plan: Plan, model_name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# 9. A mixed-length set: random vs grouped vs packed batching, and HF Trainer's
+#    length-grouped sampler
+# --------------------------------------------------------------------------------------
+
+MIXED_MIN_ORF_CODONS = 30
+HF_SIDE = "hf_group_by_length"
+MIXED_SIDES = ("random", "grouped", "packed", HF_SIDE)
+MIXED_TARGETS = (
+    # (entry suffix, numerator side, denominator side or None for the share, target)
+    ("share", "packed", None, 0.95),
+    ("vs_random", "packed", "random", 1.5),
+    ("vs_hf", "packed", HF_SIDE, 1.2),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedSet:
+    cache_dir: Path
+    """The prepared cache (`dstrain train --fasta CACHE_DIR` trains on it as it is)."""
+    num_examples: int
+    composition: dict[str, Any]
+
+
+def build_mixed_set(tmp: Path, max_length: int) -> MixedSet:
+    """Every ORF of >= 30 codons of the bundled SARS-CoV-2 genomes (`--frame all-orfs`,
+    ORFs over `max_length` cut into windows) plus the bundled H3N2 HA/NA records read as
+    the other rows read them (frame 0), in one token cache: the ORFs' codons are written
+    back as FASTA records ([UNK] as NNN, which encodes to [UNK] again) beside the HA/NA
+    records and the lot is prepared with the default frame, no validation split."""
+    import numpy as np
+
+    from dstrain.codons import UNK_ID, VOCAB
+    from dstrain.fasta import bundled_fasta_paths, bundled_genomes_path
+    from dstrain.prepare import prepare_dataset
+    from dstrain.settings import DataSettings
+
+    orfs = prepare_dataset(
+        [bundled_genomes_path()],
+        tmp / "mixed-orfs",
+        DataSettings(
+            frame="all-orfs",
+            min_orf_codons=MIXED_MIN_ORF_CODONS,
+            max_length=max_length,
+            val_fraction=0.0,
+        ),
+    )
+    fasta = tmp / "mixed.fasta"
+    with open(fasta, "w", encoding="ascii") as out:
+        for i in range(len(orfs.train)):
+            codons = "".join("NNN" if t == UNK_ID else VOCAB[t] for t in orfs.train[i].tolist())
+            out.write(f">sars_cov_2_orf_{i}\n{codons}\n")
+        for path in bundled_fasta_paths():
+            out.write(path.read_text(encoding="ascii").rstrip("\n") + "\n")
+    prepared = prepare_dataset(
+        [fasta], tmp / "mixed-cache", DataSettings(max_length=max_length, val_fraction=0.0)
+    )
+    lengths = prepared.train.lengths()
+    orf_lengths = orfs.train.lengths()
+    composition = {
+        "examples": len(lengths),
+        "codons": int(lengths.sum()),
+        "min_codons": int(lengths.min()),
+        "median_codons": float(np.median(lengths)),
+        "max_codons": int(lengths.max()),
+        "quartiles_codons": [float(q) for q in np.percentile(lengths, [25, 50, 75])],
+        "max_length": max_length,
+        "sars_cov_2_genomes": orfs.report.get("records"),
+        "sars_cov_2_orfs": orfs.report.get("orfs"),
+        "sars_cov_2_examples": len(orf_lengths),
+        "sars_cov_2_codons": int(orf_lengths.sum()),
+        "h3n2_examples": len(lengths) - len(orf_lengths),
+        "h3n2_codons": int(lengths.sum() - orf_lengths.sum()),
+        "min_orf_codons": MIXED_MIN_ORF_CODONS,
+    }
+    return MixedSet(prepared.cache_dir, len(lengths), composition)
+
+
+def hf_megabatch_steps(num_examples: int, batch: int) -> int:
+    """Batches in one mega-batch of transformers' LengthGroupedSampler at its default
+    size (its docstring: 50 batches, or the number that makes 4 mega-batches, whichever is
+    smaller); it sorts each mega-batch longest first."""
+    return max(1, min(num_examples // (4 * batch), 50))
+
+
+def dstrain_step_samples(rows: list[dict[str, Any]], warmup: int) -> list[dict[str, float]]:
+    """Per optimizer step after the warm-up: seconds (deltas of metrics.jsonl's
+    elapsed_s, logging every step), real codons and positions (the row's rates times it)."""
+    samples = []
+    for before, row in itertools.pairwise(rows):
+        if row["step"] > warmup:
+            seconds = row["elapsed_s"] - before["elapsed_s"]
+            samples.append(
+                {
+                    "seconds": seconds,
+                    "real_tokens": row["useful_tokens_per_s"] * seconds,
+                    "positions": row["tokens_per_s"] * seconds,
+                }
+            )
+    return samples
+
+
+def side_figures(samples: list[dict[str, float]]) -> dict[str, float]:
+    """One run's figures over its kept steps: rates are totals over total time (a step of
+    long rows weighs as much as its seconds), s/step the median."""
+    seconds = sum(s["seconds"] for s in samples)
+    real = sum(s["real_tokens"] for s in samples)
+    positions = sum(s["positions"] for s in samples)
+    return {
+        "useful_tokens_per_s": real / seconds,
+        "tokens_per_s": positions / seconds,
+        "useful_token_share": real / positions,
+        "s_per_step": median([s["seconds"] for s in samples]),
+        "positions_per_step": positions / len(samples),
+        "steps": len(samples),
+    }
+
+
+def run_hf_trainer(
+    out_dir: Path,
+    model: str,
+    steps: int,
+    ds_config: Path,
+    cache_dir: Path,
+    seed: int,
+    timeout_s: float = 1200,
+) -> list[dict[str, float]]:
+    """One HF Trainer run in a child process (its DeepSpeed and accelerate state stays
+    there); per optimizer step: seconds, real codons, positions."""
+    out_dir.mkdir(parents=True)
+    spec = {
+        "model": model,
+        "steps": steps,
+        "ds_config": str(ds_config),
+        "cache_dir": str(cache_dir),
+        "seed": seed,
+        "out_dir": str(out_dir),
+        "steps_path": str(out_dir / "steps.json"),
+    }
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # One process outside a launcher: DeepSpeed otherwise tries MPI discovery (FACTS.md).
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(free_port())
+    command = [sys.executable, str(Path(__file__).resolve()), "--hf-trainer-child", str(spec_path)]
+    log_path = out_dir.parent / f"{out_dir.name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(
+                f"HF Trainer run timed out after {timeout_s} s; see {log_path}"
+            ) from None
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"HF Trainer run exited {code}:\n{tail}")
+    return json.loads((out_dir / "steps.json").read_text(encoding="utf-8"))
+
+
+def hf_trainer_child(spec_path: Path) -> int:
+    """The HF Trainer side, as a user would write it: the cache's train examples as a
+    torch Dataset of {"input_ids"}, a collator padding right with [PAD] (labels -100 there,
+    an attention mask), `train_sampling_strategy="group_by_length"` (transformers 5's name
+    for `group_by_length=True`), `deepspeed=` the same JSON with every TrainingArguments
+    value the JSON also sets taken from it, the same model and seed. A forward pre-hook
+    counts real codons and positions, a callback times optimizer steps end to end."""
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    import numpy as np
+    import torch
+
+    from dstrain.ds_runtime import prepare_deepspeed
+
+    # As dstrain's loop does: DeepSpeed's CPU accelerator, no shm comm op JIT build.
+    prepare_deepspeed()
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from dstrain.codons import PAD_ID
+    from dstrain.model import build_model
+    from dstrain.prepare import load_prepared
+
+    train = load_prepared(Path(spec["cache_dir"])).train
+
+    class Examples(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(train)
+
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            return {"input_ids": torch.from_numpy(train[index].astype(np.int64))}
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), PAD_ID, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, feature in enumerate(features):
+            ids[row, : len(feature["input_ids"])] = feature["input_ids"]
+            mask[row, : len(feature["input_ids"])] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100),
+        }
+
+    counts = {"real_tokens": 0, "positions": 0}
+    rows: list[dict[str, float]] = []
+
+    def count(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        counts["real_tokens"] += int(mask.sum())
+        counts["positions"] += mask.numel()
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    class StepClock(TrainerCallback):
+        last = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            now = time.perf_counter()
+            rows.append({"step": state.global_step, "seconds": now - self.last, **counts})
+            counts.update(real_tokens=0, positions=0)
+            self.last = now
+
+    config = json.loads(Path(spec["ds_config"]).read_text(encoding="utf-8"))
+    optimizer = config["optimizer"]["params"]
+    args = TrainingArguments(
+        output_dir=spec["out_dir"],
+        deepspeed=spec["ds_config"],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=config["bf16"]["enabled"],
+        per_device_train_batch_size=config["train_micro_batch_size_per_gpu"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        learning_rate=optimizer["lr"],
+        adam_beta1=optimizer["betas"][0],
+        adam_beta2=optimizer["betas"][1],
+        adam_epsilon=optimizer["eps"],
+        weight_decay=optimizer["weight_decay"],
+        max_grad_norm=config["gradient_clipping"],
+        warmup_steps=config["scheduler"]["params"]["warmup_num_steps"],
+        max_steps=spec["steps"],
+        train_sampling_strategy="group_by_length",
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec["model"])
+    model.config.use_cache = False
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Examples(),
+        data_collator=collate,
+        callbacks=[StepClock()],
+    )
+    trainer.train()
+    Path(spec["steps_path"]).write_text(json.dumps(rows), encoding="utf-8")
+    return 0
+
+
+def mixed_side_labels(plan: Plan) -> dict[str, str]:
+    micro, budget = plan.mixed_micro_batch, plan.mixed_micro_batch * plan.mixed_max_length
+    return {
+        "random": f"dstrain `--batching random` (micro {micro})",
+        "grouped": f"dstrain `--batching grouped --tokens-per-micro-batch {budget}`",
+        "packed": f"dstrain `--batching packed --tokens-per-micro-batch {budget}`",
+        HF_SIDE: f"HF Trainer, `group_by_length` sampler (micro {micro})",
+    }
+
+
+def mixed_why(
+    numerator: str, denominator: str, sides: dict[str, dict[str, float]], plan: Plan
+) -> str:
+    """Useful tokens/s = useful-token share x positions/s: which factor made the ratio."""
+    top, bottom = sides[numerator], sides[denominator]
+    share = top["useful_token_share"] / bottom["useful_token_share"]
+    speed = top["tokens_per_s"] / bottom["tokens_per_s"]
+    names = {HF_SIDE: "the HF Trainer"}
+    upper, lower = names.get(numerator, numerator), names.get(denominator, denominator)
+    text = (
+        f"useful tokens/s = useful-token share x positions/s: {upper}'s share is "
+        f"{share:.2f}x {lower}'s ({top['useful_token_share']:.0%} vs "
+        f"{bottom['useful_token_share']:.0%}), its positions/s {speed:.2f}x "
+        f"({top['tokens_per_s']:,.0f} vs {bottom['tokens_per_s']:,.0f}; "
+        f"{top['positions_per_step']:,.0f} vs {bottom['positions_per_step']:,.0f} positions "
+        f"per step)"
+    )
+    if speed < 1:
+        text += (
+            f"; packed micro-batches are {plan.mixed_micro_batch} full "
+            f"{plan.mixed_max_length}-codon rows, attention computed over each whole row (the "
+            f"block-diagonal mask keeps examples apart but saves no arithmetic), against "
+            f"{lower}'s shorter rows"
+        )
+    if share < 1.2 and denominator == HF_SIDE:
+        text += (
+            "; HF's length-sorted batches already carry little padding, so packing can "
+            "only win on positions/s"
+        )
+    return text
+
+
+def bench_mixed(
+    plan: Plan, tmp: Path, model: str, runs: MixedRuns, mixed: MixedSet, ds_config: Path
+) -> dict[str, dict[str, Any]]:
+    if runs.warmup_steps < 1:
+        raise ValueError("MixedRuns.warmup_steps must be >= 1: step 1 includes the set-up")
+    micro, max_length = plan.mixed_micro_batch, plan.mixed_max_length
+    budget = micro * max_length  # the worst random micro-batch: `micro` rows of max_length
+    flags = {
+        "random": ("--batching", "random"),
+        "grouped": ("--batching", "grouped", "--tokens-per-micro-batch", str(budget)),
+        "packed": ("--batching", "packed", "--tokens-per-micro-batch", str(budget)),
+    }
+    if runs.hf_steps is None:
+        hf_steps = runs.warmup_steps + hf_megabatch_steps(mixed.num_examples, micro)
+        hf_text = (
+            f"HF {hf_steps}: the warm-up and one mega-batch of its length-grouped sampler, "
+            f"which sorts each mega-batch longest first (fewer steps would sample only its "
+            f"longest, least padded batches)"
+        )
+    else:
+        hf_steps = runs.hf_steps
+        hf_text = f"HF {hf_steps}"
+    samples: dict[str, list[list[dict[str, float]]]] = {side: [] for side in MIXED_SIDES}
+    for rep in range(runs.runs):  # interleaved: load drift hits every side alike
+        for side, side_flags in flags.items():
+            out_dir = tmp / f"mixed-{model}-{side}-{rep}"
+            rows = run_dstrain(
+                out_dir,
+                model,
+                runs.steps,
+                ds_config,
+                mixed.cache_dir,
+                "--max-length",
+                str(max_length),
+                "--seed",
+                str(rep),
+                "--no-report",
+                *side_flags,
+                fasta=[mixed.cache_dir],
+            )
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # 0.3 GB for genslm_25M
+            samples[side].append(dstrain_step_samples(rows, runs.warmup_steps))
+        rows = run_hf_trainer(
+            tmp / f"mixed-{model}-hf-{rep}", model, hf_steps, ds_config, mixed.cache_dir, seed=rep
+        )
+        samples[HF_SIDE].append(
+            [
+                {k: float(r[k]) for k in ("seconds", "real_tokens", "positions")}
+                for r in rows
+                if r["step"] > runs.warmup_steps
+            ]
+        )
+    per_run = {side: [side_figures(s) for s in runs_] for side, runs_ in samples.items()}
+    sides = {
+        side: {
+            key: median([figures[key] for figures in runs_])
+            for key in (
+                "useful_tokens_per_s",
+                "tokens_per_s",
+                "useful_token_share",
+                "s_per_step",
+                "positions_per_step",
+            )
+        }
+        for side, runs_ in per_run.items()
+    }
+    for side in sides.values():
+        for other in ("random", HF_SIDE):
+            side[f"vs_{other}"] = side["useful_tokens_per_s"] / sides[other]["useful_tokens_per_s"]
+    labels = mixed_side_labels(plan)
+    short = {"random": "random", "grouped": "grouped", HF_SIDE: "HF Trainer group_by_length"}
+    comp = mixed.composition
+    set_text = (
+        f"{comp['examples']} examples, {comp['codons']:,} codons: {comp['sars_cov_2_examples']} "
+        f"from the {comp['sars_cov_2_orfs']} ORFs of >= {MIXED_MIN_ORF_CODONS} codons of "
+        f"{comp['sars_cov_2_genomes']} SARS-CoV-2 genomes, {comp['h3n2_examples']} from the H3N2 "
+        f"HA/NA records; length min/median/max {comp['min_codons']}/{comp['median_codons']:g}/"
+        f"{comp['max_codons']} codons"
+    )
+    context = f"context {max_length} codons (longer ORFs and records cut into windows)"
+    if plan.mode == "quick":
+        context = f"quick mode: toy sizes, context {max_length} codons"
+    elif max_length < UPSTREAM_MAX_LENGTH:
+        context = (
+            f"context {max_length} codons, not GenSLM's {UPSTREAM_MAX_LENGTH}: CPU time (on "
+            f"the 2 cores this plan was sized on, genslm_25M trained ~150 codons/s, ~14 s per "
+            f"{UPSTREAM_MAX_LENGTH}-codon row: too few steps per side in the section's ~10 "
+            f"minutes); longer ORFs and records are cut into {max_length}-codon windows"
+        )
+    common = (
+        f"set: {set_text}; {context}; ZeRO-2 bf16 (`dstrain gen-config --zero 2 --bf16 "
+        f"--torch-adam --micro-batch {micro}`) on every side; token budget {budget} = micro {micro} x "
+        f"{max_length}, the positions of the "
+        f"worst random micro-batch, so no side may hold more activations than random's worst; "
+        f"{runs.runs} repetition(s), each side in turn (dstrain.train.main in this process; "
+        f"the HF Trainer in a child process, `use_cpu=True`), seed = repetition; steps per "
+        f"run: dstrain {runs.steps}, {hf_text}; the first {runs.warmup_steps} of each run "
+        f"dropped; rates = real codons (or positions) over the kept steps' seconds, medians "
+        f"over repetitions"
+    )
+    detail = {
+        "set": comp,
+        "token_budget": budget,
+        "micro_batch": micro,
+        "max_length": max_length,
+        "hf_steps": hf_steps,
+        "sides": {
+            side: {k: round(v, 4) for k, v in figures.items()} for side, figures in sides.items()
+        },
+        "labels": labels,
+        "samples_per_run": {
+            side: [{k: round(v, 4) for k, v in figures.items()} for figures in runs_]
+            for side, runs_ in per_run.items()
+        },
+        "samples_per_step": {
+            side: [[{k: round(v, 4) for k, v in s.items()} for s in run] for run in runs_]
+            for side, runs_ in samples.items()
+        },
+    }
+    entries: dict[str, dict[str, Any]] = {}
+    for suffix, top, bottom, target in MIXED_TARGETS:
+        if bottom is None:
+            value = sides[top]["useful_token_share"]
+            shares = ", ".join(
+                f"{sides[s]['useful_token_share']:.0%} {short.get(s, s)}"
+                for s in MIXED_SIDES
+                if s != top
+            )
+            entry = {
+                "title": f"Mixed-length set, {model}: useful-token share, packed",
+                "unit": "share",
+                "value": round(value, 4),
+                **verdict(value, ">=", target, lambda x: f"{x:.1%}"),
+                "summary": {
+                    "dstrain": f"{value:.1%} (packed)",
+                    "baseline": shares,
+                    "result": f"{value:.1%}",
+                },
+                **detail,
+                "note": "real codons over positions in the kept steps' micro-batches"
+                + (
+                    ""
+                    if value >= target
+                    else f" (packed rows end where the next example no longer fits: "
+                    f"{sides[top]['positions_per_step']:,.0f} positions per step for a "
+                    f"{budget}-token budget)"
+                )
+                + f"; {common}",
+            }
+        else:
+            value = sides[top]["useful_tokens_per_s"] / sides[bottom]["useful_tokens_per_s"]
+            entry = {
+                "title": f"Mixed-length set, {model}: useful tokens/s, packed vs {short[bottom]}"
+                + (" batching" if bottom == "random" else ""),
+                "unit": "x",
+                "median_useful_tokens_per_s": {
+                    s: round(sides[s]["useful_tokens_per_s"], 1) for s in MIXED_SIDES
+                },
+                "value": round(value, 3),
+                **verdict(value, ">=", target, fmt_ratio),
+                "summary": {
+                    "dstrain": f"{sides[top]['useful_tokens_per_s']:,.0f} tok/s (packed)",
+                    "baseline": f"{sides[bottom]['useful_tokens_per_s']:,.0f} tok/s "
+                    f"({labels[bottom]})",
+                    "result": f"{value:.2f}x",
+                },
+                "note": f"{mixed_why(top, bottom, sides, plan)}; per-side figures in "
+                f"mixed_{model}_share; {common}",
+            }
+        entries[f"mixed_{model}_{suffix}"] = entry
+    return entries
+
+
+# --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
 
@@ -1251,6 +1796,56 @@ def describe_run(results: dict[str, Any]) -> str:
     )
 
 
+MIXED_COLUMNS = (
+    "model",
+    "batching",
+    "useful-token share",
+    "useful tokens/s",
+    "s/step",
+    "vs random",
+    "vs HF group_by_length",
+)
+
+
+def mixed_table(results: dict[str, Any]) -> list[str]:
+    """Section 9's sides, one row each (the HF Trainer's included), and what the set is;
+    no lines for a results file without that section."""
+    rows, sets = [], []
+    for name, entry in results["benchmarks"].items():
+        if not (name.startswith("mixed_") and "sides" in entry):
+            continue
+        model = name.removeprefix("mixed_").removesuffix("_share")
+        for side, figures in entry["sides"].items():
+            rows.append(
+                (
+                    model,
+                    entry["labels"][side],
+                    f"{figures['useful_token_share']:.1%}",
+                    f"{figures['useful_tokens_per_s']:,.0f}",
+                    f"{figures['s_per_step']:.2f}",
+                    f"{figures['vs_random']:.2f}x",
+                    f"{figures['vs_' + HF_SIDE]:.2f}x",
+                )
+            )
+        comp = entry["set"]
+        sets.append(
+            f"{comp['examples']} examples, {comp['codons']:,} codons "
+            f"({comp['sars_cov_2_examples']} "
+            f"from the {comp['sars_cov_2_orfs']} ORFs of >= {comp['min_orf_codons']} codons of "
+            f"the {comp['sars_cov_2_genomes']} bundled SARS-CoV-2 genomes, "
+            f"{comp['h3n2_examples']} from the H3N2 HA/NA records), {comp['min_codons']} to "
+            f"{comp['max_codons']} codons long (median {comp['median_codons']:g}), context "
+            f"{entry['max_length']}; token budget {entry['token_budget']} = micro "
+            f"{entry['micro_batch']} x {entry['max_length']}; ZeRO-2 bf16, CPU"
+        )
+    if not rows:
+        return []
+    head = "| " + " | ".join(MIXED_COLUMNS) + " |"
+    rule = "|" + "|".join(" --- " for _ in MIXED_COLUMNS) + "|"
+    body = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return ["", f"Mixed-length set: {sets[0]}.", "", head, rule, *body]
+
+
 def render_readme_block(results: dict[str, Any]) -> str:
     """The README's generated part (between the markers), from a results file."""
     head = "| " + " | ".join(TABLE_COLUMNS) + " |"
@@ -1259,7 +1854,7 @@ def render_readme_block(results: dict[str, Any]) -> str:
         "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
         for row in table_rows(results)
     ]
-    return "\n".join([head, rule, *body, "", describe_run(results)])
+    return "\n".join([head, rule, *body, *mixed_table(results), "", describe_run(results)])
 
 
 def update_readme(results: dict[str, Any], readme: Path = README_PATH) -> None:
@@ -1303,7 +1898,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="Comma-separated subset: cli, data, throughput, overhead, memory, mfu, embed, "
-        "generate.",
+        "generate, mixed.",
     )
     p.add_argument(
         "--peak-tflops", type=float, help="The GPU's dense bf16 peak, if not in the table."
@@ -1317,11 +1912,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Run nothing: rewrite README's table from scripts/bench-results.json.",
     )
     p.add_argument("--keep-tmp", action="store_true", help="Keep the work directory (logs, runs).")
+    # Internal: one HF Trainer run of section 9, in its own process (see run_hf_trainer).
+    p.add_argument("--hf-trainer-child", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hf_trainer_child:
+        return hf_trainer_child(args.hf_trainer_child)
     if args.render_readme:
         update_readme(json.loads(RESULTS_PATH.read_text(encoding="utf-8")))
         say(f"updated the Performance table in {README_PATH} from {RESULTS_PATH}")
@@ -1330,7 +1929,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (
         Path(tempfile.gettempdir()) / "dstrain-bench-quick.json" if args.quick else RESULTS_PATH
     )
-    parts = set((args.only or "cli,data,throughput,overhead,memory,mfu,embed,generate").split(","))
+    everything = "cli,data,throughput,overhead,memory,mfu,embed,generate,mixed"
+    parts = set((args.only or everything).split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.time()
     load_before = load_average()
@@ -1385,6 +1985,15 @@ def main(argv: list[str] | None = None) -> int:
                 step(
                     f"generate {model}",
                     lambda m=model: {f"generate_{m}": bench_generate(plan, m)},
+                )
+        if "mixed" in parts:
+            mixed = build_mixed_set(tmp, plan.mixed_max_length)
+            say(f"  mixed-length set: {mixed.composition}")
+            mixed_config = write_ds_config(tmp, plan.mixed_micro_batch)
+            for model, runs in plan.mixed.items():
+                step(
+                    f"mixed-length {model}",
+                    lambda m=model, r=runs: bench_mixed(plan, tmp, m, r, mixed, mixed_config),
                 )
     finally:
         if args.keep_tmp:

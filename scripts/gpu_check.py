@@ -1,26 +1,35 @@
 #!/usr/bin/env python
 """GPU check: the GPU tests, then throughput, MFU and peak memory vs the estimate, on one GPU.
 
-    python scripts/gpu_check.py                       # on a GPU box: ~5 min on one H100/H200
+    python scripts/gpu_check.py                       # on a GPU box: ~6 min on one H100/H200
     python scripts/gpu_check.py --dry-run -o /tmp/g.json   # CPU smoke run (toy sizes)
 
 Writes scripts/gpu-results.json (device, driver, versions, commit, every figure) and prints
 a table. Steps, in order (the results file is rewritten after each one, so a run cut short
 still leaves what it measured):
 
-1. `pytest tests/test_gpu.py` (skipped tests on a machine without CUDA).
+1. `pytest tests/test_gpu.py` (skipped tests on a machine without CUDA). Its configs leave
+   `torch_adam` out, so DeepSpeed's FusedAdam is JIT-built here on first use (~1 min,
+   cached in ~/.cache/torch_extensions for every later run).
 2. A device probe in a child process: name, memory, and the rate of an 8192^3 bf16
    matrix product on random data (median of 10 after 3 warm-ups): the practical ceiling.
 3. The GPU test's own runs again (genslm_25M, bundled H3N2 data, micro batch 8, bf16,
    ZeRO-2 and ZeRO-3, 5 steps), to record the measured / estimated peak ratio the test
    bounds (PEAK_OVER_ESTIMATE in tests/test_gpu.py); pytest only says pass or fail.
 4. genslm_25M and genslm_250M at 2048 codons (random full-length records, no padding),
-   bf16, ZeRO-2, one GPU, a few micro batch sizes: `python -m dstrain.train` (the real
-   training loop, one fresh process per case), torch AdamW (dstrain's default
-   `torch_adam`, no JIT-built ops). Per case: tokens/s and steps/s from metrics.jsonl
-   (the first logged window, with start-up and warm-up, dropped; the median of the
-   rest), MFU, and the peak of torch.cuda.max_memory_allocated() (training rows, and the
-   whole run from summary.json) over dstrain's estimate for that run.
+   ZeRO-2, one GPU, a few micro batch sizes: `python -m dstrain.train` (the real
+   training loop, one fresh process per case) on dstrain's GPU defaults: no precision
+   flag (bf16 where the GPU has it natively), no optimizer flag (the config leaves
+   `torch_adam` out and `dstrain train` picks FusedAdam on CUDA), SDPA attention; one
+   case again with `--torch-adam` (what FusedAdam buys). The banner's device line gives
+   each case's device, precision, optimizer and attention. Per case: tokens/s and
+   steps/s from metrics.jsonl (the first logged window, with start-up and warm-up,
+   dropped; the median of the rest), MFU, and the peak of
+   torch.cuda.max_memory_allocated() (training rows, and the whole run from
+   summary.json) over dstrain's estimate for that run.
+5. Where `--batching packed` exists: genslm_25M on mixed-length records (100-2048
+   codons), random batches of 8 vs packed rows of 16,384 tokens: useful (non-pad)
+   tokens/s of each.
 
 MFU = tokens/s x model FLOPs per token / peak, FLOPs per token = 6 x matmul parameters
 (all parameters less the input embedding, a lookup) + 12 x layers x hidden x seq_len
@@ -63,9 +72,40 @@ SPEC_BF16_PEAK = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Case:
+    model: str
+    micro: int
+    flags: tuple[str, ...] = ()
+    """More `dstrain.train` flags (`--torch-adam`, `--batching packed ...`)."""
+    mixed: bool = False
+    """Mixed-length records (Plan.shortest to seq_len codons) instead of full-length ones."""
+    label: str = ""
+    """Name suffix; default: the flags without dashes."""
+
+    @property
+    def name(self) -> str:
+        label = self.label or "-".join(f.removeprefix("--") for f in self.flags)
+        return "-".join(x for x in (self.model, f"m{self.micro}", self.mixed * "mixed", label) if x)
+
+
+def packed_cases(model: str, micro: int, tokens: int) -> tuple[Case, ...]:
+    """random vs packed batches of mixed-length records, where dstrain has --batching."""
+    from dstrain.settings import DataSettings
+
+    field = DataSettings.model_fields.get("batching")
+    if field is None or "packed" not in str(field.annotation):
+        return ()
+    packed = ("--batching", "packed", "--tokens-per-micro-batch", str(tokens))
+    return (
+        Case(model, micro, ("--batching", "random"), mixed=True, label="random"),
+        Case(model, micro, packed, mixed=True, label=f"packed{tokens}"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
-    cases: tuple[tuple[str, int], ...]
-    """(model, micro batch) at seq_len, ZeRO-2 bf16, in the order run (most wanted first:
+    cases: tuple[Case, ...]
+    """At seq_len, ZeRO-2, dstrain's GPU defaults, in the order run (most wanted first:
     a run cut short by --budget-s still has them)."""
     seq_len: int
     steps: int
@@ -75,15 +115,21 @@ class Plan:
     test_steps: int
     case_timeout_s: float
 
+    @property
+    def shortest(self) -> int:
+        """Codons in the shortest mixed-length record."""
+        return min(100, self.seq_len // 4)
+
 
 FULL = Plan(
     cases=(
-        ("genslm_25M", 8),
-        ("genslm_250M", 8),
-        ("genslm_25M", 16),
-        ("genslm_250M", 4),
-        ("genslm_250M", 16),
-        ("genslm_25M", 32),
+        Case("genslm_25M", 8),
+        Case("genslm_250M", 8),
+        Case("genslm_250M", 8, ("--torch-adam",)),
+        Case("genslm_25M", 16),
+        Case("genslm_250M", 16),
+        *packed_cases("genslm_25M", 8, 16384),
+        Case("genslm_25M", 32),
     ),
     seq_len=2048,
     steps=30,
@@ -91,10 +137,14 @@ FULL = Plan(
     records=320,
     test_model="genslm_25M",
     test_steps=5,
-    case_timeout_s=240,
+    case_timeout_s=180,
 )
 DRY = Plan(
-    cases=(("genslm_tiny", 2), ("genslm_tiny", 4)),
+    cases=(
+        Case("genslm_tiny", 2),
+        Case("genslm_tiny", 2, ("--torch-adam",)),
+        *packed_cases("genslm_tiny", 2, 256),
+    ),
     seq_len=64,
     steps=6,
     warmup_steps=2,
@@ -104,6 +154,12 @@ DRY = Plan(
     case_timeout_s=300,
 )
 
+DEVICE_LINE = re.compile(
+    # the banner's per-device choices (dstrain.train.device_line)
+    r"^  device (?P<device>\S+)(?: \((?P<gpu>[^)]*)\))? \| (?P<precision>\w+) \| "
+    r"(?P<optimizer>.+) \| attention (?P<attention>\S+)$",
+    re.MULTILINE,
+)
 PEAK_LINE = re.compile(
     r"peak GPU memory: measured ([\d.]+) GiB, estimated ([\d.]+) GiB for ZeRO-(\d) "
     r"\(measured / estimated = ([\d.]+)\)"
@@ -246,9 +302,11 @@ def run_probe() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def write_fasta(path: Path, records: int, codons: int, seed: int = 0) -> None:
+def write_fasta(
+    path: Path, records: int, codons: int, seed: int = 0, *, shortest: int | None = None
+) -> None:
     """Random records of exactly `codons` codons (no stop codons), one training example each
-    at --max-length `codons`."""
+    at --max-length `codons`; with `shortest`, of a length drawn from [shortest, codons]."""
     rng = random.Random(seed)
     sense = [
         a + b + c
@@ -259,7 +317,8 @@ def write_fasta(path: Path, records: int, codons: int, seed: int = 0) -> None:
     ]
     with open(path, "w", encoding="ascii") as out:
         for i in range(records):
-            seq = "".join(rng.choice(sense) for _ in range(codons))
+            length = codons if shortest is None else rng.randint(shortest, codons)
+            seq = "".join(rng.choice(sense) for _ in range(length))
             lines = "\n".join(seq[j : j + 60] for j in range(0, len(seq), 60))
             out.write(f">synthetic_{i}\n{lines}\n")
 
@@ -326,33 +385,52 @@ def run_estimate(out_dir: Path, model: str, seq_len: int, micro: int) -> dict[st
     }
 
 
+def device_choices(output: str, out_dir: Path) -> dict[str, Any]:
+    """What the run chose on this device: the banner's device line, and whether the run's
+    ds_config.json (as written, before the per-device choice) names torch_adam."""
+    line = DEVICE_LINE.search(output)
+    choices: dict[str, Any] = line.groupdict() if line else {"device_line": None}
+    try:
+        params = json.loads((out_dir / "ds_config.json").read_text())["optimizer"]["params"]
+        choices["config_torch_adam"] = params.get("torch_adam", "absent (auto)")
+    except (OSError, KeyError, ValueError):
+        choices["config_torch_adam"] = None
+    return choices
+
+
 def measure_case(
     work: Path,
     fasta: Path,
     plan: Plan,
-    model: str,
-    micro: int,
+    spec: Case,
     env: dict[str, str],
     peaks: dict[str, float | None],
 ) -> dict[str, Any]:
     from dstrain.architectures import get_architecture
 
-    out_dir = work / f"{model}-m{micro}"
-    args = ["--model", model, "--fasta", str(fasta), "--cache-dir", str(work / "cache")]
+    model, micro = spec.model, spec.micro
+    out_dir = work / spec.name
+    cache = work / ("cache-mixed" if spec.mixed else "cache")
+    args = ["--model", model, "--fasta", str(fasta), "--cache-dir", str(cache)]
     args += ["--max-length", str(plan.seq_len), "--max-steps", str(plan.steps)]
     args += ["--log-every", "1", "--eval-every", "0", "--max-eval-batches", "1"]
     args += ["--no-export", "--no-report", "--no-progress"]
-    args += ["--bf16", "--zero", "2", "--micro-batch", str(micro), "--steps-per-print", "1000"]
+    # No precision or optimizer flag: dstrain's own choice for this device is measured.
+    args += ["--zero", "2", "--micro-batch", str(micro), "--steps-per-print", "1000"]
+    args += list(spec.flags)
     started = time.time()
     code, output = train(out_dir, args, plan.case_timeout_s, env)
     case: dict[str, Any] = {
+        "case": spec.name,
         "model": model,
         "micro_batch": micro,
+        "flags": list(spec.flags),
+        "data": f"mixed {plan.shortest}-{plan.seq_len} codons" if spec.mixed else "full-length",
         "seq_len": plan.seq_len,
         "zero_stage": 2,
-        "precision": "bf16",
         "exit_code": code,
         "wall_s": round(time.time() - started, 1),
+        **device_choices(output, out_dir),
     }
     if code != 0:
         case["error_tail"] = output[-3000:]
@@ -362,6 +440,7 @@ def measure_case(
     # One row per step: drop the warm-up steps (allocation, kernel selection).
     kept = [r for r in train_rows if r["step"] > plan.warmup_steps]
     tokens_s = statistics.median(r["tokens_per_s"] for r in kept)
+    useful_s = statistics.median(r.get("useful_tokens_per_s", r["tokens_per_s"]) for r in kept)
     samples_s = statistics.median(r["samples_per_s"] for r in kept)
     before = next(r for r in train_rows if r["step"] == plan.warmup_steps)
     mean_step_s = (kept[-1]["elapsed_s"] - before["elapsed_s"]) / len(kept)
@@ -381,6 +460,7 @@ def measure_case(
         "train_examples": int(examples.group(1)) if examples else None,
         "tokens_per_s_per_step": [round(r["tokens_per_s"]) for r in kept],
         "tokens_per_s": round(tokens_s, 1),
+        "useful_tokens_per_s": round(useful_s, 1),
         "samples_per_s": round(samples_s, 3),
         "steps_per_s": round(samples_s / micro, 3),
         "mean_s_per_step_incl_epoch_tail": round(mean_step_s, 4),
@@ -405,6 +485,8 @@ def measure_case(
         "run_banner_ratio": float(line.group(4)) if line else None,
         "final_loss": train_rows[-1]["loss"],
     }
+    if spec.mixed:  # rows shorter than seq_len: the MFU formula's attention term is off
+        case |= {k: None for k in ("mfu_vs_spec", "mfu_vs_measured_matmul", "mfu_6n_vs_spec")}
     return case
 
 
@@ -416,6 +498,7 @@ def test_config_case(work: Path, plan: Plan, stage: int, env: dict[str, str]) ->
     args += ["--bf16", "--zero", str(stage), "--micro-batch", "8"]
     code, output = train(out_dir, args, 240, env)
     case: dict[str, Any] = {"model": plan.test_model, "zero_stage": stage, "exit_code": code}
+    case |= device_choices(output, out_dir)
     if code != 0:
         case["error_tail"] = output[-3000:]
         return case
@@ -453,25 +536,31 @@ def run_pytest(work: Path, timeout_s: float = 240) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     head = (
-        f"{'model':<12} {'micro':>5} {'tok/s':>10} {'step/s':>7} {'TFLOP/s':>8} "
+        f"{'case':<30} {'tok/s':>10} {'useful/s':>10} {'step/s':>7} {'TFLOP/s':>8} "
         f"{'MFU spec':>8} {'MFU meas':>8} {'train pk GiB':>12} {'est GiB':>8} {'pk/est':>6}"
     )
     lines = [head]
     for c in results["cases"]:
         if c.get("exit_code") != 0:
             why = c.get("skipped") or f"FAILED (exit {c['exit_code']})"
-            lines.append(f"{c['model']:<12} {c['micro_batch']:>5} {why}")
+            lines.append(f"{c['case']:<30} {why}")
             continue
         mfu = c["mfu_vs_spec"]
         meas = c["mfu_vs_measured_matmul"]
         lines.append(
-            f"{c['model']:<12} {c['micro_batch']:>5} {c['tokens_per_s']:>10,.0f} "
+            f"{c['case']:<30} {c['tokens_per_s']:>10,.0f} {c['useful_tokens_per_s']:>10,.0f} "
             f"{c['steps_per_s']:>7.2f} {c['achieved_tflops']:>8.1f} "
             f"{'n/a' if mfu is None else f'{mfu:.1%}':>8} "
             f"{'n/a' if meas is None else f'{meas:.1%}':>8} "
             f"{c['train_peak_bytes'] / 2**30:>12.2f} "
             f"{c['estimate']['total_bytes'] / 2**30:>8.2f} {c['train_peak_over_estimate']:>6.3f}"
         )
+    chosen = {
+        f"{c.get('precision')} | {c.get('optimizer')} | attention {c.get('attention')}"
+        for c in results["cases"] + results["test_config"]
+        if c.get("exit_code") == 0
+    }
+    lines += [f"chosen: {text}" for text in sorted(chosen)]
     for c in results["test_config"]:
         lines.append(
             f"test config ZeRO-{c['zero_stage']}: " + (c.get("banner") or f"exit {c['exit_code']}")
@@ -486,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", type=Path, default=ROOT / "scripts" / "gpu-results.json")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/dstrain-gpu-check"))
     p.add_argument("--skip-pytest", action="store_true")
-    p.add_argument("--budget-s", type=float, default=540, help="stop starting cases after")
+    p.add_argument("--budget-s", type=float, default=450, help="stop starting cases after")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -515,10 +604,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "method": (
             "python -m dstrain.train per case (fresh process), random full-length records "
-            f"of {plan.seq_len} codons (no padding), bf16, ZeRO-2, torch AdamW (torch_adam), "
-            f"{plan.steps} steps, a metrics row per step (--log-every 1), the first "
-            f"{plan.warmup_steps} dropped; tokens/s = the median of the per-step rows (an "
-            "epoch's last micro-batch is short when train examples % micro != 0: a slow "
+            f"of {plan.seq_len} codons (no padding; `-mixed` cases: {plan.shortest}-"
+            f"{plan.seq_len} codons), ZeRO-2, dstrain's choices for the device (no precision "
+            "or optimizer flag unless the case names one; each case's precision, optimizer and "
+            f"attention are the banner's device line), {plan.steps} steps, a metrics row per "
+            f"step (--log-every 1), the first {plan.warmup_steps} dropped; tokens/s = the "
+            "median of the per-step rows (an epoch's last micro-batch is short when train "
+            "examples % micro != 0: a slow "
             "outlier the median skips; mean_s_per_step_incl_epoch_tail = elapsed_s between "
             "rows over steps, it included); train peak = torch.cuda.max_memory_allocated() "
             "in the last training row; run peak = summary.json (final eval and save included)"
@@ -560,19 +652,27 @@ def main(argv: list[str] | None = None) -> int:
 
     fasta = work / f"synthetic-{plan.seq_len}.fasta"
     write_fasta(fasta, plan.records, plan.seq_len)
-    for model, micro in plan.cases:
+    mixed = work / f"synthetic-mixed-{plan.seq_len}.fasta"
+    write_fasta(mixed, plan.records, plan.seq_len, shortest=plan.shortest)
+    for spec in plan.cases:
         if time.time() - started > args.budget_s:
             results["cases"].append(
-                {"model": model, "micro_batch": micro, "exit_code": None, "skipped": "budget"}
+                {
+                    "case": spec.name,
+                    "model": spec.model,
+                    "micro_batch": spec.micro,
+                    "exit_code": None,
+                    "skipped": "budget",
+                }
             )
             continue
-        say(f"== {model} micro {micro} seq {plan.seq_len}")
-        case = measure_case(work, fasta, plan, model, micro, env, peaks)
+        say(f"== {spec.name} seq {plan.seq_len}")
+        case = measure_case(work, mixed if spec.mixed else fasta, plan, spec, env, peaks)
         results["cases"].append(case)
         say(json.dumps({k: v for k, v in case.items() if k != "error_tail"}))
         if case.get("error_tail"):
             say(case["error_tail"])
-        shutil.rmtree(work / f"{model}-m{micro}" / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work / spec.name / "checkpoints", ignore_errors=True)
         save()
     save()
     say(table(results))

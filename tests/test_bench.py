@@ -25,6 +25,9 @@ COMPARISONS = (  # every benchmark with a target, in a full and a quick run alik
     "loop_overhead",
     "memory_estimate",
 )
+MIXED_SUFFIXES = ("share", "vs_random", "vs_hf")
+"""Section 9's entries per model (`mixed_{model}_{suffix}`), for the plan's models."""
+MIXED_SIDES = ("random", "grouped", "packed", "hf_group_by_length")
 
 
 def load_bench():
@@ -42,6 +45,35 @@ def check_entry(name: str, entry: dict) -> None:
     assert entry["target"]["op"] in (">=", "<="), name
     assert entry["verdict"].startswith("met" if entry["met"] else "missed"), name
     assert set(entry["summary"]) == {"dstrain", "baseline", "result"}, name
+
+
+def check_mixed(results: dict) -> None:
+    """Section 9 for every model of the plan: the targets, the set, the four sides."""
+    benchmarks = results["benchmarks"]
+    for model in results["plan"]["mixed"]:
+        for suffix in MIXED_SUFFIXES:
+            check_entry(f"mixed_{model}_{suffix}", benchmarks[f"mixed_{model}_{suffix}"])
+        mixed = benchmarks[f"mixed_{model}_share"]
+        composition = mixed["set"]
+        assert composition["sars_cov_2_orfs"] > 0 and composition["h3n2_examples"] > 0
+        assert (
+            composition["min_codons"]
+            <= composition["median_codons"]
+            <= composition["max_codons"]
+            <= mixed["max_length"]
+        )
+        assert mixed["token_budget"] == mixed["micro_batch"] * mixed["max_length"]
+        for side in MIXED_SIDES:
+            figures = mixed["sides"][side]
+            assert figures["useful_tokens_per_s"] > 0, side
+            assert 0 < figures["useful_token_share"] <= 1, side
+            assert all(mixed["samples_per_step"][side]), side
+        # The HF Trainer's steps were counted in its forward: every position, real or pad.
+        for run in mixed["samples_per_step"]["hf_group_by_length"]:
+            assert all(s["positions"] >= s["real_tokens"] > 0 for s in run)
+        # Packing fills its rows; random micro-batches of mixed lengths do not.
+        shares = {side: mixed["sides"][side]["useful_token_share"] for side in MIXED_SIDES}
+        assert shares["packed"] > shares["random"], shares
 
 
 @pytest.mark.slow
@@ -89,6 +121,11 @@ def test_quick_benchmark_runs_every_comparison(tmp_path):
     assert mfu["runs"] and mfu["runs"][0]["mfu"] > 0
     if not results["machine"]["gpu"]:
         assert "skipped" in mfu
+    assert list(results["plan"]["mixed"]) == ["genslm_tiny"]
+    check_mixed(results)
+    # README's block gains the mixed-length table, with the HF Trainer's row.
+    block = load_bench().render_readme_block(results)
+    assert "Mixed-length set:" in block and "| genslm_tiny | HF Trainer, `group_by_length`" in block
 
 
 def test_committed_results_cover_every_comparison():
@@ -102,6 +139,11 @@ def test_committed_results_cover_every_comparison():
     assert embeds and any(k.startswith("generate_") for k in results["benchmarks"])
     for name in embeds:
         check_entry(name, results["benchmarks"][name])
+    assert {"genslm_small", "genslm_25M"} <= set(results["plan"].get("mixed", {})), (
+        "scripts/bench-results.json has no mixed-length section (9); run "
+        "`python scripts/bench.py --update-readme` again and commit the results"
+    )
+    check_mixed(results)
 
 
 def sha256(path: Path) -> str:

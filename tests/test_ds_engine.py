@@ -29,7 +29,7 @@ def test_generated_config_trains_one_step(stage, precision):
             "precision": precision,
             "zero_optimization": {"stage": stage},
             "batch": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1},
-            "optimizer": {"lr": 1e-3},
+            "optimizer": {"lr": 1e-3, "torch_adam": True},  # as dstrain train on CPU
             "scheduler": {"type": "none"},
             "steps_per_print": 1000,
         }

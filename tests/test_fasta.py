@@ -157,6 +157,8 @@ def test_edge_cases_cleaning_and_counts():
         "gap_characters": 3,
         "u_to_t": 2,  # augaaacccuaa
         "bases_outside_orf": 0,
+        "orfs": 0,  # frame all-orfs only (tests/test_orfs.py)
+        "orf_list": [],
         "windows": 4,
         "truncated_records": 0,
         "truncated_codons": 0,

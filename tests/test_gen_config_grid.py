@@ -166,7 +166,7 @@ def test_engine_matches_the_typed_run(argv):
     import deepspeed
     import torch
 
-    from dstrain.ds_run import resolve_ds_run
+    from dstrain.ds_run import choose_optimizer, resolve_ds_run
     from dstrain.ds_runtime import prepare_deepspeed
     from dstrain.model import build_model
 
@@ -174,6 +174,8 @@ def test_engine_matches_the_typed_run(argv):
     config, error = gen_config([*argv, *base])
     assert config is not None, error
     run = resolve_ds_run(config)
+    # What `dstrain train` hands DeepSpeed on CPU: torch's AdamW for an Adam left on auto.
+    config, optimizer = choose_optimizer(config, "cpu")
     prepare_deepspeed(timeout_s=120)
     torch.manual_seed(0)
     model = build_model("genslm_tiny")
@@ -181,6 +183,8 @@ def test_engine_matches_the_typed_run(argv):
         model=model, model_parameters=model.parameters(), config=config
     )
     assert engine.zero_optimization_stage() == run.zero.stage
+    named = {"torch AdamW": "AdamW", "DeepSpeed CPUAdam": "DeepSpeedCPUAdam"}
+    assert type(engine.basic_optimizer).__name__ == named[optimizer.split(" (")[0]], optimizer
     assert engine.bfloat16_enabled() == (run.precision == "bf16")
     assert engine.fp16_enabled() == (run.precision == "fp16")
     offload = engine.zero_offload_optimizer()

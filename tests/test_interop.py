@@ -150,7 +150,7 @@ def test_upstream_deepspeed_directory_converts_with_the_source_logits(tmp_path, 
                 "precision": "fp32",
                 "zero_optimization": {"stage": 2},
                 "batch": {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1},
-                "optimizer": {"lr": 1e-3},
+                "optimizer": {"lr": 1e-3, "torch_adam": True},  # as dstrain train on CPU
                 "scheduler": {"type": "none"},
                 "steps_per_print": 1000,
             }

@@ -873,21 +873,29 @@ def test_two_rank_sigterm_then_resume_matches_a_straight_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("block", "described"),
+    ("block", "described", "adam"),
     [
-        ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}}, "bf16, ZeRO-1"),
-        ({"bf16": {"enabled": True}, "zero_optimization": False}, "bf16, ZeRO-0"),
+        (
+            {"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+            "bf16, ZeRO-1",
+            {"torch_adam": True},
+        ),
+        ({"bf16": {"enabled": True}, "zero_optimization": False}, "bf16, ZeRO-0", {}),
     ],
 )
-def test_banner_and_estimate_describe_the_run_deepspeed_builds(tmp_path, capsys, block, described):
+def test_banner_and_estimate_describe_the_run_deepspeed_builds(
+    tmp_path, capsys, block, described, adam
+):
     """DeepSpeed's old `bfloat16` alias and the boolean `zero_optimization` form: the
     banner and its memory estimate follow what the engine really built (the banner also
     compares the engine with the typed run and would say where they differ). That the
     estimate's bytes follow the precision is tested on `estimate_from_flags` in
-    test_memory.py; a genslm_tiny's model states round to 0.00 GiB either way."""
+    test_memory.py; a genslm_tiny's model states round to 0.00 GiB either way. The
+    device line names the optimizer: torch's AdamW on CPU whether asked for or left on
+    auto (no torch_adam)."""
     config = {
         "train_micro_batch_size_per_gpu": 4,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, **adam}},
         **block,
     }
     path = tmp_path / "ds.json"
@@ -896,14 +904,16 @@ def test_banner_and_estimate_describe_the_run_deepspeed_builds(tmp_path, capsys,
     assert train(*args, "--eval-every", 0, "--no-export") == 0
     out = capsys.readouterr().out
     assert f"| {described} |" in out
+    assert "  device cpu | bf16 | torch AdamW | attention sdpa\n" in out
+    assert "torch_adam" not in (tmp_path / "run" / "ds_config.json").read_text() or adam
     assert "the engine differs" not in out
     stage = described.rsplit("-", 1)[1]
     assert f"memory estimate, ZeRO-{stage}, per GPU" in out
 
 
 def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path):
-    """Checkpoints record the architecture; one written before a field existed (here the
-    dropout fields, as an older dstrain wrote it: without a manifest, so resumed with
+    """Checkpoints record the architecture and data settings; one written before a field
+    existed (here the dropout and ORF fields, as an older dstrain wrote it: without a manifest, so resumed with
     --trust-checkpoint) compares that field at its default."""
     import torch
 
@@ -915,9 +925,85 @@ def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path
     saved = torch.load(states, weights_only=False)
     for key in ("hidden_dropout", "attention_dropout"):
         del saved["dstrain"]["architecture"][key]
+    for key in ("min_orf_codons", "strands"):  # data fields added later: at their defaults
+        del saved["dstrain"]["data_settings"][key]
     torch.save(saved, states)
     (states.parent / MANIFEST_NAME).unlink()
     args = ("--output-dir", run_dir, "--max-steps", 3, "--resume", "auto", "--no-export")
     args += ("--trust-checkpoint",)
     assert train(*args) == 0
     assert train_rows(run_dir)[-1]["step"] == 3
+
+
+# --------------------------------------------------------------------------------------
+# Planned batching (dstrain.batch_plan): token budgets, length groups, packed rows
+# --------------------------------------------------------------------------------------
+
+# One HA file in windows of 256 codons: 132 train examples of 256 and 67 codons. 3072
+# tokens per micro-batch make 9 micro-batches an epoch grouped or packed (5 per rank on 2
+# ranks, one repeated). Accumulation 2: step 3 ends mid-epoch and the 6 steps cross an
+# epoch (two on 2 ranks), each with its own plan.
+PLANNED = [("grouped", 3072), ("packed", 3072)]
+
+
+def planned_args(tmp_path: Path, batching: str, budget: int) -> list:
+    config = write_config(
+        tmp_path / "ds.json",
+        precision="fp32",
+        zero_optimization={"stage": 1},
+        batch={"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2},
+    )
+    return [
+        "--deepspeed_config", config, "--fasta", HA_FASTA, "--max-length", 256,
+        "--max-steps", 6, "--eval-every", 3, "--no-export", "--dump-params",
+        "--batching", batching, "--tokens-per-micro-batch", budget,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("batching", "budget"), PLANNED)
+def test_resume_is_exact_with_planned_batching(tmp_path, capsys, batching, budget):
+    """Resumed from step 3 (mid-epoch), a run with budget micro-batches ends exactly where a
+    straight run does; a resume with other batching is refused."""
+    from dstrain.checkpoints import tag_for_step
+
+    common = planned_args(tmp_path, batching, budget)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(*common, "--output-dir", straight) == 0
+    out = capsys.readouterr().out
+    assert f"batching: {'grouped by length' if batching == 'grouped' else 'packed'}" in out
+    assert train_rows(straight)[-1]["epoch"] > 1.0
+    step3 = straight / "checkpoints" / tag_for_step(3)
+    assert train(*common, "--output-dir", resumed, "--resume", step3) == 0
+    assert [r["step"] for r in train_rows(resumed)] == [4, 5, 6]
+    assert_same_params(
+        load_params(straight / "params_rank0.pt"), load_params(resumed / "params_rank0.pt")
+    )
+    other = [*common[:-2], "--tokens-per-micro-batch", budget * 2]
+    assert train(*other, "--output-dir", tmp_path / "other", "--resume", step3) == 1
+    assert f"'tokens_per_micro_batch': {budget}}}, now" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(("batching", "budget"), PLANNED[1:])
+def test_two_rank_planned_batching_resumes_exactly(tmp_path, batching, budget):
+    """2 ranks, epochs whose micro-batches do not divide evenly over the ranks (the tail
+    repeats the first): no rank waits at an epoch end, the ranks agree, and a resume from
+    step 3 ends where the straight run does. Packed only (2 launches, the cost of this
+    test): grouped differs from it in the plan alone, pure and tested for 1-4 ranks in
+    test_batching.py, and collates like random batching."""
+    from dstrain.checkpoints import tag_for_step
+
+    common = [*deepspeed_launcher(2), str(TRAIN_PY), "--no-progress", "--no-report"]
+    common += map(str, planned_args(tmp_path, batching, budget))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = run_process([*common, "--output-dir", str(straight)], timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "run again at the end so that every rank runs" in done.stdout
+    step3 = straight / "checkpoints" / tag_for_step(3)
+    again = run_process(
+        [*common, "--output-dir", str(resumed), "--resume", str(step3)], timeout=240
+    )
+    assert again.returncode == 0, again.stdout[-4000:]
+    final = load_params(straight / "params_rank0.pt")
+    assert_same_params(final, load_params(straight / "params_rank1.pt"))
+    assert_same_params(final, load_params(resumed / "params_rank0.pt"))
