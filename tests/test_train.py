@@ -984,13 +984,11 @@ def test_resume_is_exact_with_planned_batching(tmp_path, capsys, batching, budge
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(("batching", "budget"), PLANNED[1:])
+@pytest.mark.parametrize(("batching", "budget"), PLANNED)
 def test_two_rank_planned_batching_resumes_exactly(tmp_path, batching, budget):
     """2 ranks, epochs whose micro-batches do not divide evenly over the ranks (the tail
     repeats the first): no rank waits at an epoch end, the ranks agree, and a resume from
-    step 3 ends where the straight run does. Packed only (2 launches, the cost of this
-    test): grouped differs from it in the plan alone, pure and tested for 1-4 ranks in
-    test_batching.py, and collates like random batching."""
+    step 3 ends where the straight run does (2 launches per mode)."""
     from dstrain.checkpoints import tag_for_step
 
     common = [*deepspeed_launcher(2), str(TRAIN_PY), "--no-progress", "--no-report"]
