@@ -418,7 +418,10 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
         )
     if len(prepared.train) == 0:
         raise DstrainError(
-            f"no training examples in {cache_dir}; add records or lower --val-fraction."
+            f"no training examples in {cache_dir}: the split hashes whole records into "
+            "validation (all windows and ORFs of a record go together), so one or a few "
+            "records, e.g. a single genome under --frame all-orfs, may all land there. Add "
+            "records, lower --val-fraction (0 trains on all), or change --split-seed."
         )
     return prepared, sources, cache_dir
 
