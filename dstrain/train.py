@@ -418,7 +418,10 @@ def load_data(settings: TrainSettings, output_dir: Path, rank: int, dist):
         )
     if len(prepared.train) == 0:
         raise DstrainError(
-            f"no training examples in {cache_dir}; add records or lower --val-fraction."
+            f"no training examples in {cache_dir}: the split hashes whole records into "
+            "validation (all windows and ORFs of a record go together), so one or a few "
+            "records, e.g. a single genome under --frame all-orfs, may all land there. Add "
+            "records, lower --val-fraction (0 trains on all), or change --split-seed."
         )
     return prepared, sources, cache_dir
 
@@ -757,18 +760,19 @@ def plan_run(
             f"gradient_accumulation_steps {accum} would make one optimizer step read the "
             f"training data about {accum // micro_per_epoch:,} times over ({layout} = "
             f"{micro_per_epoch} micro-batch(es) per epoch); dstrain refuses more than "
-            f"{MAX_EPOCHS_PER_STEP} epochs per step. Lower the accumulation (--grad-accum) or "
-            "give more data"
+            f"{MAX_EPOCHS_PER_STEP} epochs per step. Lower the accumulation (--grad-accum)"
+            + (", or --tokens-per-micro-batch," if epoch_micro is not None else "")
+            + " or give more data"
         )
     if max_steps is not None:  # the stream runs on across epochs until that step
         return RunPlan(micro_per_epoch=micro_per_epoch, total_steps=max_steps, unused_tail=0)
     if epoch_micro is None:
-        planned_micro = int(epochs * micro_per_epoch)
+        planned_micro = _floor(epochs * micro_per_epoch)
     else:
         whole = math.floor(epochs)
         planned_micro = sum(epoch_micro(epoch) for epoch in range(whole))
         if epochs > whole:
-            planned_micro += int((epochs - whole) * epoch_micro(whole))
+            planned_micro += _floor((epochs - whole) * epoch_micro(whole))
     total_steps, unused_tail = divmod(planned_micro, accum)
     if total_steps == 0:
         raise DstrainError(
@@ -780,6 +784,29 @@ def plan_run(
     return RunPlan(
         micro_per_epoch=micro_per_epoch, total_steps=total_steps, unused_tail=unused_tail
     )
+
+
+OPTIMIZER_FLAGS = {
+    "AdamW": "torch AdamW: --torch-adam",
+    "FusedAdam": "FusedAdam: --fused-adam",
+    "DeepSpeedCPUAdam": "DeepSpeed's CPU Adam: --offload-optimizer cpu",
+}
+"""The optimizer classes DeepSpeed builds for dstrain's configs, and the flag that picks each."""
+
+
+def _saved_torch_adam(states: dict[str, Any]) -> bool:
+    """Whether a checkpoint written before dstrain recorded its optimizer ran torch AdamW:
+    its DeepSpeed config (saved in the model states) names torch_adam true."""
+    config = states.get("ds_config")
+    optimizer = config.get("optimizer") if isinstance(config, dict) else None
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    return isinstance(params, dict) and params.get("torch_adam") is True
+
+
+def _floor(micro_batches: float) -> int:
+    """Whole micro-batches of a fractional count; 0.29 x 100 is 28.999999999999996 in
+    floating point and must still give 29."""
+    return math.floor(micro_batches + 1e-9)
 
 
 @dataclasses.dataclass
@@ -887,10 +914,28 @@ def fused_adam_status() -> tuple[str, str | None]:
     return how, None
 
 
-def device_config(checked: CheckedConfig) -> tuple[dict[str, Any], str]:
+def probe_fused_adam() -> str | None:
+    """None when DeepSpeed's FusedAdam loads here (JIT-building it if it is not cached),
+    else why not: the op builder also needs an nvcc matching torch's CUDA version, and a
+    build can fail for reasons no file check sees. Probed before the model is built, so a
+    failure costs a fallback to torch AdamW instead of a crash inside initialize."""
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    try:
+        FusedAdamBuilder().load(verbose=False)
+    except Exception as exc:  # any build or load failure means: not on this machine
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"its build failed: {first[:200]}"
+    return None
+
+
+def device_config(
+    checked: CheckedConfig, log: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any], str]:
     """(the config for `deepspeed.initialize` on this machine, the optimizer it builds):
     `choose_optimizer` given this machine's device, after refusing bf16 on a GPU that
-    only emulates it."""
+    only emulates it. On a GPU, a FusedAdam that is not prebuilt is built (or loaded from
+    the cache) here, announced through `log` first."""
     from dstrain.ds_run import check_device_precision, choose_optimizer
 
     device = training_device_type()
@@ -900,6 +945,13 @@ def device_config(checked: CheckedConfig) -> tuple[dict[str, Any], str]:
     if device == "cpu":
         return choose_optimizer(checked.config, device)
     how, problem = fused_adam_status()
+    _, planned = choose_optimizer(
+        checked.config, device, fused_adam=how, fused_adam_problem=problem
+    )
+    if problem is None and planned.startswith("FusedAdam") and "JIT" in how:
+        if log is not None:
+            log(f"FusedAdam: loading DeepSpeed's op ({how}) ...")
+        problem = probe_fused_adam()
     return choose_optimizer(checked.config, device, fused_adam=how, fused_adam_problem=problem)
 
 
@@ -915,16 +967,22 @@ def device_line(engine, precision: str, optimizer: str) -> str:
     return f"device {device} | {precision} | {optimizer} | attention {attention}"
 
 
-def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
-    """The model (random or --init-checkpoint weights, SDPA attention) wrapped by
-    `deepspeed.initialize`, with the config `device_config` makes for this machine."""
+def build_engine(
+    arch,
+    settings: TrainSettings,
+    checked: CheckedConfig,
+    log: Callable[[str], None] | None = None,
+):
+    """(the model (random or --init-checkpoint weights, SDPA attention) wrapped by
+    `deepspeed.initialize` with the config `device_config` makes for this machine, the
+    optimizer it built in words)."""
     import deepspeed
     import torch
 
     from dstrain.model import build_model, load_init_checkpoint
 
     # Refuses emulated bf16 before anything is built; CPU: torch AdamW for an auto block.
-    config, _optimizer = device_config(checked)
+    config, optimizer = device_config(checked, log)
     torch.manual_seed(settings.seed)
     model = build_model(arch, attn_implementation="sdpa")
     if settings.init_checkpoint:
@@ -955,7 +1013,7 @@ def build_engine(arch, settings: TrainSettings, checked: CheckedConfig):
             "GPU; on CPU use bf16 or fp32 (dstrain gen-config --bf16 / --fp32)."
         ) from None
     align_lr_schedule(engine)  # a resume then loads the checkpoint's position over it
-    return engine
+    return engine, optimizer
 
 
 class Trainer:
@@ -1025,7 +1083,7 @@ class Trainer:
         )
 
         # Model, engine, and the plan from the engine's batch layout.
-        self.engine = build_engine(arch, settings, checked)
+        self.engine, self.optimizer_text = build_engine(arch, settings, checked, self.log)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
         try:
@@ -1196,7 +1254,8 @@ class Trainer:
         from dstrain.checkpoints import read_model_states
 
         trust = self.settings.trust_checkpoint
-        saved = read_model_states(ckpt_dir, tag, trust=trust).get("dstrain") or {}
+        states = read_model_states(ckpt_dir, tag, trust=trust)
+        saved = states.get("dstrain") or {}
         now = self.run_identity()
         if isinstance(saved.get("architecture"), dict):
             # Architecture fields added since the checkpoint was written (e.g. dropout)
@@ -1216,16 +1275,27 @@ class Trainer:
             saved = {**saved, "data_settings": {**defaults, **saved["data_settings"]}}
         if "data_settings" in saved and "batching" not in saved:  # written before --batching
             saved = {**saved, "batching": {"mode": "random", "tokens_per_micro_batch": None}}
+        if "optimizer" not in saved and _saved_torch_adam(states):  # before the optimizer key
+            saved = {**saved, "optimizer": "AdamW"}
         diffs = [
             f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
             for key, value in now.items()
             if key in saved and saved[key] != value
         ]
+        fixes = []
+        if "batching" in saved and saved["batching"] != now["batching"]:
+            fixes.append("--batching, --tokens-per-micro-batch and --padding as the checkpoint has")
+        if "optimizer" in saved and saved["optimizer"] != now["optimizer"]:
+            # torch AdamW's state lacks FusedAdam's param-group keys: loading it would crash.
+            flag = OPTIMIZER_FLAGS.get(saved["optimizer"], saved["optimizer"])
+            fixes.append(f"the checkpoint's optimizer, {flag}; in a config file optimizer.params")
         if diffs:
             raise DstrainError(
                 f"cannot resume from {ckpt_dir / tag}: it was written by a different run "
-                f"({'; '.join(diffs)}). Resume with the same settings, or start a new "
-                "--output-dir (use --init-checkpoint with an export to keep the weights)."
+                f"({'; '.join(diffs)}). Resume with the same settings"
+                + (f" ({'; '.join(fixes)})" if fixes else "")
+                + ", or start a new --output-dir (use --init-checkpoint with an export to keep "
+                "the weights)."
             )
 
     def run_identity(self) -> dict[str, Any]:
@@ -1236,15 +1306,22 @@ class Trainer:
             "architecture": self.arch.to_dict(),
             "seed": self.settings.seed,
             "data_settings": self.data_settings.model_dump(exclude=set(BATCH_TIME_FIELDS)),
-            "batching": {
-                "mode": self.data_settings.batching,
-                "tokens_per_micro_batch": self.data_settings.tokens_per_micro_batch,
-            },
+            "batching": self._batching_identity(),
+            "optimizer": type(self.engine.basic_optimizer).__name__,
             "source_sha256": [src.get("sha256") for src in self.prepared.manifest["sources"]],
             "batch": {"micro": self.micro, "accum": self.accum, "world": self.world},
             "zero_stage": self.engine.zero_optimization_stage(),
             "precision": self.precision,
         }
+
+    def _batching_identity(self) -> dict[str, Any]:
+        """What fixes the batch plan: mode and budget, and with a budget the padding (it
+        decides how a budget cuts). Another plan would move every saved data position."""
+        data = self.data_settings
+        identity = {"mode": data.batching, "tokens_per_micro_batch": data.tokens_per_micro_batch}
+        if data.tokens_per_micro_batch is not None:
+            identity["padding"] = data.padding
+        return identity
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows past the resumed step (written before a crash)."""
@@ -1261,15 +1338,16 @@ class Trainer:
 
     def _activation_shape(self) -> tuple[int, int]:
         """(tokens in the widest row, rows of a micro-batch that wide): what the activation
-        estimate needs. With a token budget the widest micro-batch is budget // widest rows
-        of the widest row (rows x length is capped; attention grows with the length)."""
+        estimate needs. With a token budget a micro-batch holds up to budget tokens, in rows
+        as wide as the widest or in more, shorter ones: estimated as ceil(budget / widest)
+        rows of the widest row (at least the budget's tokens, and the longest attention)."""
         data = self.data_settings
         if data.padding == "max_length" or data.batching == "packed":
             longest = data.max_length
         else:
             longest = int(self.lengths.max())
         budget = data.tokens_per_micro_batch
-        return longest, self.micro if budget is None else max(1, budget // longest)
+        return longest, self.micro if budget is None else math.ceil(budget / longest)
 
     # -- the batch plan -------------------------------------------------------------------
 
@@ -1317,7 +1395,7 @@ class Trainer:
             f"world size {self.world} | device {engine.device}"
         )
         log(f"  config: {self.config_source}")
-        log(f"  {device_line(engine, self.precision, device_config(self.checked)[1])}")
+        log(f"  {device_line(engine, self.precision, self.optimizer_text)}")
         for note in self.run.notes:
             log(f"  config note: {note}")
         built = engine_run_mismatch(engine, self.run)

@@ -137,7 +137,7 @@ FULL = Plan(
     records=320,
     test_model="genslm_25M",
     test_steps=5,
-    case_timeout_s=180,
+    case_timeout_s=150,
 )
 DRY = Plan(
     cases=(
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", type=Path, default=ROOT / "scripts" / "gpu-results.json")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/dstrain-gpu-check"))
     p.add_argument("--skip-pytest", action="store_true")
-    p.add_argument("--budget-s", type=float, default=450, help="stop starting cases after")
+    p.add_argument("--budget-s", type=float, default=400, help="stop starting cases after")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:

@@ -9,7 +9,7 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check dstrain tests scripts
 .venv/bin/dstrain validate ds_configs/*.json
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=20 "$@"
 if [[ $# -eq 0 && -z "${DSTRAIN_SKIP_MUTANTS:-}" ]]; then
     .venv/bin/python scripts/mutants.py
 fi

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dstrain import batch_plan
 from dstrain.batch_plan import plan_epoch
 from dstrain.batching import IGNORE_INDEX, CodonCollator, CodonDataset, count_tokens
 from dstrain.codons import PAD_ID
@@ -145,8 +146,14 @@ LAYOUTS = [
 
 @pytest.mark.parametrize(("mode", "budget"), LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_example_once_equal_shares_and_the_budget_holds(mode, budget, world):
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_every_example_once_equal_shares_and_the_budget_holds(
+    mode, budget, world, small_chunks, monkeypatch
+):
     lengths = mixed_lengths(3)  # 183 examples: no count divides evenly
+    if small_chunks:  # several megabatches / packing chunks per epoch, as on real data sets
+        monkeypatch.setattr(batch_plan, "GROUP_CHUNK_MICRO_BATCHES", 2)
+        monkeypatch.setattr(batch_plan, "PACK_CHUNK_EXAMPLES", 17)
     epoch_plan = plan(lengths, mode, micro=3, budget=budget, world=world, epoch=1)
     shares = ranks_of(epoch_plan)
     assert {len(share) for share in shares} == {epoch_plan.micro_per_rank}  # no rank waits
@@ -219,6 +226,13 @@ def test_grouped_micro_batches_hold_similar_lengths_in_a_shuffled_order():
     longest = [max(lengths[r[0]] for r in rows) for rows in epoch_plan.share(0)]
     assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
 
+    def padded_share(mode: str) -> float:  # positions that are padding
+        batches = list(plan(lengths, mode, micro=8).share(0))
+        positions = sum(len(rows) * max(lengths[r[0]] for r in rows) for rows in batches)
+        return 1 - sum(lengths[r[0]] for rows in batches for r in rows) / positions
+
+    assert padded_share("grouped") < padded_share("random") / 3
+
 
 def test_a_budget_below_the_longest_example_names_the_flag():
     with pytest.raises(DstrainError, match=r"--tokens-per-micro-batch 1000 .* \(2048 codons\)"):
@@ -243,3 +257,16 @@ def test_run_plan_counts_the_planned_epochs():
     counts = {0: 10, 1: 12, 2: 9}
     run = plan_run(1, world=1, micro=1, accum=4, epochs=2.5, max_steps=None, epoch_micro=counts.get)
     assert run == RunPlan(micro_per_epoch=10, total_steps=(10 + 12 + 4) // 4, unused_tail=2)
+
+
+@pytest.mark.parametrize("epoch_micro", [None, {0: 100, 1: 100}.get])
+def test_run_plan_counts_fractional_epochs_without_float_loss(epoch_micro):
+    """0.29 x 100 micro-batches is 28.999999999999996 in floating point: still 29."""
+    run = plan_run(
+        400, world=1, micro=4, accum=1, epochs=0.29, max_steps=None, epoch_micro=epoch_micro
+    )
+    assert run.total_steps == 29
+    run = plan_run(
+        400, world=1, micro=4, accum=1, epochs=1.29, max_steps=None, epoch_micro=epoch_micro
+    )
+    assert run.total_steps == 129

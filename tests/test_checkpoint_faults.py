@@ -480,7 +480,7 @@ def test_every_stage_and_precision_passes_the_tensors_only_preload(tmp_path, fp1
                 zero_optimization={"stage": stage},
                 batch={"train_micro_batch_size_per_gpu": 2},
             )
-            engine = build_engine(arch, TrainSettings(), load_ds_run(str(path), world_size=1))
+            engine, _ = build_engine(arch, TrainSettings(), load_ds_run(str(path), world_size=1))
             loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
             engine.backward(loss)
             engine.step()

@@ -208,6 +208,43 @@ def test_fused_adam_needs_a_cuda_toolkit_to_be_built(monkeypatch):
     assert fused_adam_status() == ("prebuilt in the DeepSpeed wheel", None)
 
 
+def test_a_fused_adam_that_fails_to_build_falls_back_to_torch_adamw(monkeypatch):
+    """On a faked H100 (fake_gpu) with a toolkit present, the build is announced, probed
+    before the model exists, and a failure (e.g. an nvcc that does not match torch's CUDA)
+    gives torch AdamW with the reason instead of a crash inside deepspeed.initialize."""
+    import dstrain.train as train
+
+    fake_gpu(monkeypatch, native_bf16=True)
+    monkeypatch.setattr(train, "fused_adam_status", lambda: (FUSED_ADAM_JIT, None))
+    said: list[str] = []
+    monkeypatch.setattr(train, "probe_fused_adam", lambda: "its build failed: nvcc 12.2 != 13.0")
+    config, text = train.device_config(checked("bf16"), said.append)
+    assert params(config)["torch_adam"] is True
+    assert text == "torch AdamW (FusedAdam unavailable: its build failed: nvcc 12.2 != 13.0)"
+    assert said and "FusedAdam" in said[0]
+    monkeypatch.setattr(train, "probe_fused_adam", lambda: None)
+    config, text = train.device_config(checked("bf16"), said.append)
+    assert "torch_adam" not in params(config) and text.startswith("FusedAdam")
+
+
+@pytest.mark.slow
+def test_the_engine_builds_the_optimizer_the_banner_names():
+    """Through the real deepspeed.initialize on CPU: an auto block gives torch's AdamW
+    (not a JIT-built FusedAdam), and build_engine says so."""
+    import torch
+
+    from dstrain.architectures import resolve_architecture
+    from dstrain.ds_runtime import prepare_deepspeed
+    from dstrain.settings import TrainSettings
+    from dstrain.train import build_engine
+
+    prepare_deepspeed(timeout_s=120)
+    engine, text = build_engine(
+        resolve_architecture("genslm_tiny"), TrainSettings(), checked("bf16")
+    )
+    assert type(engine.basic_optimizer) is torch.optim.AdamW and text == "torch AdamW"
+
+
 # --------------------------------------------------------------------------------------
 # SDPA attention
 # --------------------------------------------------------------------------------------

@@ -911,10 +911,13 @@ def test_banner_and_estimate_describe_the_run_deepspeed_builds(
     assert f"memory estimate, ZeRO-{stage}, per GPU" in out
 
 
-def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path):
-    """Checkpoints record the architecture and data settings; one written before a field
-    existed (here the dropout and ORF fields, as an older dstrain wrote it: without a manifest, so resumed with
-    --trust-checkpoint) compares that field at its default."""
+def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path, capsys):
+    """Checkpoints record the architecture, data settings and optimizer; one written before
+    a field existed (here the dropout, ORF and optimizer fields, as an older dstrain wrote
+    it: without a manifest, so resumed with --trust-checkpoint) compares that field at its
+    default (the optimizer: torch AdamW where its saved config says torch_adam true). A
+    checkpoint of another optimizer is refused with the flag that picks it (loading torch
+    AdamW's state into FusedAdam would crash at the first step)."""
     import torch
 
     from dstrain.checkpoints import MANIFEST_NAME
@@ -927,12 +930,23 @@ def test_a_checkpoint_from_before_new_architecture_fields_still_resumes(tmp_path
         del saved["dstrain"]["architecture"][key]
     for key in ("min_orf_codons", "strands"):  # data fields added later: at their defaults
         del saved["dstrain"]["data_settings"][key]
+    assert saved["dstrain"].pop("optimizer") == "AdamW"
     torch.save(saved, states)
     (states.parent / MANIFEST_NAME).unlink()
     args = ("--output-dir", run_dir, "--max-steps", 3, "--resume", "auto", "--no-export")
     args += ("--trust-checkpoint",)
     assert train(*args) == 0
     assert train_rows(run_dir)[-1]["step"] == 3
+
+    (states,) = (run_dir / "checkpoints").glob("*3/mp_rank_00_model_states.pt")
+    saved = torch.load(states, weights_only=False)
+    saved["dstrain"]["optimizer"] = "FusedAdam"
+    torch.save(saved, states)
+    (states.parent / MANIFEST_NAME).unlink()
+    capsys.readouterr()
+    assert train(*args[:3], 4, *args[4:]) != 0
+    err = capsys.readouterr().err
+    assert "optimizer: checkpoint 'FusedAdam', now 'AdamW'" in err and "--fused-adam" in err
 
 
 # --------------------------------------------------------------------------------------
