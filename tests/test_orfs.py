@@ -7,7 +7,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 from Bio import SeqIO
 from Bio.Seq import Seq
@@ -343,35 +342,3 @@ def test_contradictory_options_are_refused_by_flag(tmp_path, capsys, flags, name
     code, _, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "c"), *flags], capsys)
     assert code == 2 and named in err, err
     assert "Traceback" not in err and not (tmp_path / "c").exists()
-
-
-def _naive_orfs(seq: bytes, min_codons: int) -> set[tuple[int, int, str]]:
-    """Codon by codon, both strands: in each frame, the first ATG after a stop (or the
-    frame's start) opens an ORF that the next stop closes, stop included."""
-    found = set()
-    rc = seq.translate(bytes.maketrans(b"ACGT", b"TGCA"))[::-1]
-    for strand, text in (("+", seq), ("-", rc)):
-        for frame in range(3):
-            start = None
-            for i in range(frame, len(text) - 2, 3):
-                codon = text[i : i + 3]
-                if codon == b"ATG" and start is None:
-                    start = i
-                elif codon in (b"TAA", b"TAG", b"TGA") and start is not None:
-                    if (i + 3 - start) // 3 >= min_codons:
-                        n = len(text)
-                        span = (start, i + 3) if strand == "+" else (n - i - 3, n - start)
-                        found.add((*span, strand))
-                    start = None
-    return found
-
-
-def test_orfs_of_a_random_genome_match_a_codon_by_codon_search():
-    """Speed is a benchmark matter; here 30 kb of random bases (hundreds of ORFs, nested
-    ATGs, both strands) against the plain reading of the rule."""
-    rng = np.random.default_rng(0)
-    seq = np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, 30_000)].tobytes()
-    for min_codons in (1, 30):
-        orfs = find_orfs(seq, min_codons, "both")
-        assert set(orfs) == _naive_orfs(seq, min_codons) and len(orfs) == len(set(orfs))
-    assert {s for _, _, s in orfs} == {"+", "-"}
