@@ -1351,24 +1351,7 @@ class Trainer:
 
     # -- the batch plan -------------------------------------------------------------------
 
-    def epoch_plan(self, epoch: int):
-        """The EpochPlan of `epoch` (the latest one is kept: the loop asks once per epoch)."""
-        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
-            plan = plan_train_epoch(
-                self.lengths,
-                self.data_settings,
-                micro=self.micro,
-                epoch=epoch,
-                seed=self.settings.seed,
-                world=self.world,
-            )
-            self._epoch_plan = (epoch, plan)
-        return self._epoch_plan[1]
-
-    def micro_per_epoch(self, epoch: int) -> int:
-        """Micro-batches per rank of `epoch` (planned, not kept: the run plan asks for many)."""
-        if self._epoch_plan is not None and self._epoch_plan[0] == epoch:
-            return self._epoch_plan[1].micro_per_rank
+    def _plan_epoch(self, epoch: int):
         return plan_train_epoch(
             self.lengths,
             self.data_settings,
@@ -1376,7 +1359,19 @@ class Trainer:
             epoch=epoch,
             seed=self.settings.seed,
             world=self.world,
-        ).micro_per_rank
+        )
+
+    def epoch_plan(self, epoch: int):
+        """The EpochPlan of `epoch` (the latest one is kept: the loop asks once per epoch)."""
+        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            self._epoch_plan = (epoch, self._plan_epoch(epoch))
+        return self._epoch_plan[1]
+
+    def micro_per_epoch(self, epoch: int) -> int:
+        """Micro-batches per rank of `epoch` (planned, not kept: the run plan asks for many)."""
+        if self._epoch_plan is not None and self._epoch_plan[0] == epoch:
+            return self._epoch_plan[1].micro_per_rank
+        return self._plan_epoch(epoch).micro_per_rank
 
     def collate_rows(self, rows: list[list[int]]) -> dict[str, Any]:
         """A planned micro-batch (rows of example indices) as model inputs."""

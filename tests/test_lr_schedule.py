@@ -28,8 +28,9 @@ def applied_lr(monkeypatch):
     real_build, engines = dstrain.train.build_engine, []
 
     def build(*args, **kwargs):
-        engines.append(real_build(*args, **kwargs))
-        return engines[-1]
+        engine, optimizer = real_build(*args, **kwargs)
+        engines.append(engine)
+        return engine, optimizer
 
     monkeypatch.setattr(dstrain.train, "build_engine", build)
     seen: dict[int, set[float]] = {}

@@ -994,7 +994,9 @@ def test_resume_is_exact_with_planned_batching(tmp_path, capsys, batching, budge
     )
     other = [*common[:-2], "--tokens-per-micro-batch", budget * 2]
     assert train(*other, "--output-dir", tmp_path / "other", "--resume", step3) == 1
-    assert f"'tokens_per_micro_batch': {budget}}}, now" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"'tokens_per_micro_batch': {budget}, 'padding': 'longest'}}, now" in err
+    assert "Resume with the same settings (--batching, --tokens-per-micro-batch" in err
 
 
 @pytest.mark.multiproc
