@@ -87,3 +87,17 @@ def _through_main():
 
 
 through_main = _through_main()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`dstrain ARGV` in this process through the console entry: (exit code, stdout,
+    stderr), as captured by pytest's `capsys`."""
+    from dstrain.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

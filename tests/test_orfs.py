@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from Bio import SeqIO
 from Bio.Seq import Seq
+from subprocs import run_cli
 
 from dstrain import codons
 from dstrain import fasta as fasta_module
-from dstrain.cli import main
 from dstrain.errors import DstrainError
 from dstrain.fasta import bundled_genomes_path, find_orfs, is_validation_record, read_fasta
 from dstrain.prepare import ORFS_NAME, load_prepared, prepare_dataset, report_json
@@ -76,16 +76,6 @@ def _write(path: Path, records: dict[str, str]) -> Path:
 def _orf_rows(cache_dir: Path) -> list[dict[str, str]]:
     with open(cache_dir / ORFS_NAME, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
-
-
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------------------
@@ -255,7 +245,7 @@ def test_prepare_json_lists_each_genomes_genes(tmp_path, capsys):
     genomes = {r.id: r.seq for r in SeqIO.parse(bundled_genomes_path(), "fasta")}
     assert len(genomes) == 5
     args = ["prepare", str(bundled_genomes_path()), "-o", str(tmp_path / "cache")]
-    code, out, err = _run_cli(
+    code, out, err = run_cli(
         [*args, "--frame", "all-orfs", "--min-orf-codons", "30", "--json"], capsys
     )
     assert code == 0, err
@@ -286,7 +276,7 @@ def test_prepare_json_lists_each_genomes_genes(tmp_path, capsys):
         lengths = {o["codons"] for o in orfs}
         assert {420, 223, 76, 276} <= lengths, record_id
 
-    code, out, err = _run_cli([*args, "--frame", "all-orfs", "--min-orf-codons", "30"], capsys)
+    code, out, err = run_cli([*args, "--frame", "all-orfs", "--min-orf-codons", "30"], capsys)
     assert code == 0, err
     assert "reused cache" in out and f"{report['orfs']:,} ORFs of 30+ codons kept" in out
     assert "ORF NC_045512.2 266-13,483 (+), 4,406 codons" in out
@@ -339,6 +329,6 @@ def test_manifest_caps_the_orf_list_and_json_lists_all(tmp_path, monkeypatch):
 )
 def test_contradictory_options_are_refused_by_flag(tmp_path, capsys, flags, named):
     path = _write(tmp_path / "g.fasta", {"g": _orf("GCA" * 40)})
-    code, _, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "c"), *flags], capsys)
+    code, _, err = run_cli(["prepare", str(path), "-o", str(tmp_path / "c"), *flags], capsys)
     assert code == 2 and named in err, err
     assert "Traceback" not in err and not (tmp_path / "c").exists()

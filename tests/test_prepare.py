@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocs import run_cli
 
 from dstrain import publish as publish_module
-from dstrain.cli import main
 from dstrain.errors import DstrainError
 from dstrain.fasta import bundled_fasta_paths, is_validation_record, read_fasta
 from dstrain.prepare import load_prepared, prepare_dataset
@@ -159,20 +159,10 @@ def test_everything_in_validation_is_an_error(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_prepare_json_then_reused_summary(fasta_copies, tmp_path, capsys):
     cache = tmp_path / "cache"
     args = ["prepare", *map(str, fasta_copies), "-o", str(cache)]
-    code, out, err = _run_cli([*args, "--json"], capsys)
+    code, out, err = run_cli([*args, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["reused"] is False
@@ -186,12 +176,12 @@ def test_cli_prepare_json_then_reused_summary(fasta_copies, tmp_path, capsys):
     assert [f["partial_codons"] for f in report["files"]] == [0, 0, 47]
     assert [f["unknown_codons"] for f in report["files"]] == [1, 2, 3]
 
-    code, out, _ = _run_cli(args, capsys)
+    code, out, _ = run_cli(args, capsys)
     assert code == 0
     assert out.startswith(f"reused cache {cache}")
     assert "47 partial codons dropped" in out
 
-    code, out, _ = _run_cli([*args, "--frame", "orf", "--json"], capsys)
+    code, out, _ = run_cli([*args, "--frame", "orf", "--json"], capsys)
     assert json.loads(out)["codons"] == 2 * 48 * 567 + 48 * 470
 
 
@@ -209,7 +199,7 @@ def test_cli_errors_are_one_paragraph(tmp_path, capsys, extra, bad_name, code, e
     path = tmp_path / (bad_name or "edge_cases.fasta")
     if bad_name != "missing.fasta":
         shutil.copy(ASSETS / (bad_name or "edge_cases.fasta"), path)
-    got, out, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "c"), *extra], capsys)
+    got, out, err = run_cli(["prepare", str(path), "-o", str(tmp_path / "c"), *extra], capsys)
     assert got == code
     assert out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -290,7 +280,7 @@ def test_a_cache_from_before_the_switches_is_rebuilt_and_still_opens(fasta_copie
 def test_summary_text_shows_gaps_u_and_the_switch_counts(tmp_path, capsys):
     path = tmp_path / "edge_cases.fasta"
     shutil.copy(ASSETS / "edge_cases.fasta", path)
-    code, out, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "c")], capsys)
+    code, out, err = run_cli(["prepare", str(path), "-o", str(tmp_path / "c")], capsys)
     assert code == 0, err
     # edge_cases.fasta: 3 gap characters, 2 U in `augaaacccuaa`, GG dropped from `with_n`.
     assert "3 gaps removed, 2 U read as T" in out
@@ -298,7 +288,7 @@ def test_summary_text_shows_gaps_u_and_the_switch_counts(tmp_path, capsys):
     assert "truncated" not in out and "invalid" not in out
 
     extra = ["--on-invalid", "unk", "--long-records", "truncate", "--max-length", "8"]
-    code, out, err = _run_cli(
+    code, out, err = run_cli(
         ["prepare", str(path), "-o", str(tmp_path / "c"), *extra, "--partial-codon", "unk"],
         capsys,
     )
@@ -308,5 +298,5 @@ def test_summary_text_shows_gaps_u_and_the_switch_counts(tmp_path, capsys):
     assert "0 records truncated (0 codons cut)" in out
 
     orf_unk = ["--frame", "orf", "--partial-codon", "unk"]
-    code, _, err = _run_cli(["prepare", str(path), "-o", str(tmp_path / "d"), *orf_unk], capsys)
+    code, _, err = run_cli(["prepare", str(path), "-o", str(tmp_path / "d"), *orf_unk], capsys)
     assert code == 2 and "--partial-codon unk applies to --frame 0 only" in err
