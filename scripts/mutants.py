@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation check: deliberate faults that the test suite must catch.
 
-    .venv/bin/python scripts/mutants.py                 # every mutant, ~5 min on 2 CPU cores
+    .venv/bin/python scripts/mutants.py                 # every mutant, ~3 min on 2 CPU cores
     .venv/bin/python scripts/mutants.py --only no-rng-restore,pads-in-loss
     .venv/bin/python scripts/mutants.py --list          # the mutants and their tests
 
@@ -109,6 +109,23 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(f"{BLINDSPOTS}::test_resume_refuses_other_batch_layout",),
         fault="resume accepts a checkpoint written with another micro batch, accumulation "
         "or world size",
+    ),
+    Mutant(
+        name="packed-positions-continue",
+        path="dstrain/batching.py",
+        anchor="            position_ids.append(torch.cat([torch.arange(n) for n in "
+        "[*map(len, row), len(tail)]]))\n",
+        replacement="            position_ids.append(torch.arange(width))\n",
+        tests=("tests/test_packing.py::test_no_attention_or_positions_across_joins",),
+        fault="packed rows keep counting positions, so examples attend across their joins",
+    ),
+    Mutant(
+        name="packed-joins-trained",
+        path="dstrain/batching.py",
+        anchor="        labels = input_ids.masked_fill(pad | (position_ids == 0), IGNORE_INDEX)\n",
+        replacement="        labels = input_ids.masked_fill(pad, IGNORE_INDEX)\n",
+        tests=("tests/test_packing.py::test_packed_equals_alone_and_padded",),
+        fault="a packed example is trained to predict the next example's first codon",
     ),
 )
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh), run the whole test suite, then the mutation check
-# (scripts/mutants.py: deliberate faults the tests must catch, ~5 min on 2 cores). Extra
+# (scripts/mutants.py: deliberate faults the tests must catch, ~3 min on 2 cores). Extra
 # arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"` for the fast subset;
 # with extra arguments, or with DSTRAIN_SKIP_MUTANTS=1, the mutation check is skipped.
 set -euo pipefail
