@@ -50,6 +50,7 @@ The `lr` in metrics.jsonl is the rate the optimizer applied in that step, read j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -2025,5 +2026,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time
+    destructors, gloo's threads now and then abort a rank that finished well
+    ("terminate called without an active exception", exit -6). Only for a launched
+    process: tests run `main` in one process and reuse its group."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is None or not torch_distributed.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # leaving anyway; the exit code is decided
+        torch_distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    close_process_group()
+    sys.exit(exit_code)
