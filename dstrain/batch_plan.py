@@ -33,6 +33,12 @@ Ranks: micro-batch i of the epoch goes to rank i % world. So that every rank run
 number (a rank short of one would leave the others waiting in the gradient all-reduce), the
 list is padded to a multiple of world with the epoch's first micro-batches again, as
 DistributedSampler pads with its first examples; `repeated_micro_batches` counts them.
+
+Another world size part-way through an epoch (a resume on more or fewer ranks): the epoch
+keeps the plan it was laid out with; the micro-batches the old ranks had not reached (after
+the first `consumed_after(...)`) are dealt round-robin over the new ranks, padded the same
+way (`plan.share(rank, world=new_world, offset=consumed)`), and the epochs after it are
+planned for the new world. No micro-batch runs twice or is skipped, beyond the padding.
 """
 
 from __future__ import annotations
@@ -105,28 +111,54 @@ class EpochPlan:
         flat = self.examples[starts[0] : starts[-1]].tolist()
         return [flat[a - starts[0] : b - starts[0]] for a, b in pairwise(starts)]
 
-    def share(self, rank: int) -> RankShare:
-        """The micro-batches rank `rank` runs, in order."""
-        if not 0 <= rank < self.world:
-            raise ValueError(f"rank {rank} outside world {self.world}")
-        return RankShare(self, rank)
+    @property
+    def num_real_micro_batches(self) -> int:
+        """The epoch's micro-batches before the repeats."""
+        return len(self.batch_starts) - 1
+
+    def share(self, rank: int, *, world: int | None = None, offset: int = 0) -> RankShare:
+        """The micro-batches rank `rank` runs, in order. With `offset` and `world` (a run
+        resumed at another world size part-way through this epoch): the micro-batches
+        after the first `offset` dealt over `world` ranks instead, padded as usual."""
+        world = self.world if world is None else world
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world {world}")
+        assert 0 <= offset <= self.num_real_micro_batches, offset
+        return RankShare(self, rank, world, offset)
 
 
 class RankShare(Sequence):
-    """One rank's micro-batches of an EpochPlan: item j is the plan's j x world + rank."""
+    """One rank's micro-batches of an EpochPlan: item j is the plan's offset + (j x world
+    + rank) over the remaining ones (`offset` 0 and the plan's world: j x world + rank).
+    The remainder is padded to a multiple of world with its own first micro-batches (the
+    epoch's first ones when offset is 0, as the plan's repeats are)."""
 
-    def __init__(self, plan: EpochPlan, rank: int):
-        self.plan, self.rank = plan, rank
+    def __init__(self, plan: EpochPlan, rank: int, world: int | None = None, offset: int = 0):
+        self.plan, self.rank, self.offset = plan, rank, offset
+        self.world = plan.world if world is None else world
+        self.remaining = plan.num_real_micro_batches - offset
+        self._len = -(-self.remaining // self.world)
 
     def __len__(self) -> int:
-        return self.plan.micro_per_rank
+        return self._len
 
     def __getitem__(self, j):
         if isinstance(j, slice):
             return [self[i] for i in range(*j.indices(len(self)))]
         if not -len(self) <= j < len(self):
             raise IndexError(j)
-        return self.plan.micro_batch((j % len(self)) * self.plan.world + self.rank)
+        index = ((j % len(self)) * self.world + self.rank) % self.remaining
+        return self.plan.micro_batch(self.offset + index)
+
+
+def consumed_after(plan_micro_batches: int, offset: int, world: int, micro_done: int) -> int:
+    """Micro-batches of an epoch (before its repeats) that a run has trained on, all ranks
+    together, when each of `world` ranks ran `micro_done` of the remainder after `offset`
+    (micro-batch i of that remainder went to rank i % world, so the first micro_done x
+    world were run; those past the remainder were repeats). The new offset of a run
+    resumed at another world size: `RankShare(plan, rank, new_world, offset)`."""
+    assert 0 <= offset <= plan_micro_batches and world >= 1 and micro_done >= 0
+    return offset + min(micro_done * world, plan_micro_batches - offset)
 
 
 def counts_vary(mode: str, tokens_per_micro_batch: int | None) -> bool:

@@ -6,6 +6,9 @@ Heavy edge (torch, deepspeed). Layout under OUTPUT_DIR/checkpoints/:
       dstrain_manifest.json  size + sha256 of every file in the tag, versions, step
     latest                 the tag to resume from (DeepSpeed's own pointer format)
     checkpoints.json       every kept tag with its step and validation loss
+    step00000120.universal/  DeepSpeed's universal copy of that tag, made by a resume on
+                           another world size (or `dstrain checkpoint reshape`); not a tag:
+                           reused while its tag is unchanged, deleted with its tag
 
 An interrupted save never spoils the last good checkpoint: DeepSpeed writes into a new
 tag directory (`TAG.partial`), rank 0 writes its manifest, and only after every rank has
@@ -24,6 +27,7 @@ does not match is damage, with or without it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -46,6 +50,7 @@ from dstrain.errors import DstrainError
 from dstrain.inputs import MAX_CONFIG_BYTES, InputError, read_regular_bytes
 
 INDEX_NAME = "checkpoints.json"
+UNIVERSAL_SUFFIX = ".universal"
 MANIFEST_NAME = "dstrain_manifest.json"
 MANIFEST_FORMAT = 1
 _TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -342,9 +347,16 @@ def hash_file(path: Path, *, sync: bool = False) -> dict[str, Any]:
 
 
 def write_manifest(
-    tag_dir: Path, *, tag: str, step: int, world_size: int, files: dict[str, dict[str, Any]]
+    tag_dir: Path,
+    *,
+    tag: str,
+    step: int,
+    world_size: int,
+    files: dict[str, dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """TAG/dstrain_manifest.json, atomically and fsynced (with its directory)."""
+    """TAG/dstrain_manifest.json, atomically and fsynced (with its directory); `extra`
+    adds keys (a universal copy names the manifest it was converted from)."""
     import deepspeed
 
     import dstrain
@@ -360,6 +372,7 @@ def write_manifest(
             "deepspeed": deepspeed.__version__,
             "torch": torch.__version__,
         },
+        **(extra or {}),
         "files": {name: files[name] for name in sorted(files)},
     }
     write_text_atomic(tag_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
@@ -687,6 +700,10 @@ def _publish(
     for path in ckpt_dir.glob("step*"):  # published tags only: never .damaged, never links
         if _STEP_TAG.fullmatch(path.name) and path.name not in keep and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+    for path in ckpt_dir.glob(f"step*{UNIVERSAL_SUFFIX}"):  # a universal copy goes with its tag
+        source = path.name.removesuffix(UNIVERSAL_SUFFIX)
+        if _STEP_TAG.fullmatch(source) and source not in keep and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_if_not_a_file(path: Path) -> None:
@@ -723,6 +740,13 @@ def read_model_states(ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict[
 def resolve_checkpoint(spec: str | Path) -> tuple[Path, str]:
     """(checkpoint dir, tag) for a run's checkpoints dir, a run dir, or one tag dir."""
     path = Path(spec)
+    if path.name.endswith(UNIVERSAL_SUFFIX) and path.is_dir():
+        tag = path.name.removesuffix(UNIVERSAL_SUFFIX)
+        raise DstrainError(
+            f"{path} is a universal copy that dstrain made of checkpoint {tag} for a resume on "
+            f"another number of ranks. Pass {path.parent / tag} itself: a resume converts it "
+            "again or reuses this copy."
+        )
     if not path.exists():
         raise DstrainError(
             f"checkpoint {path} does not exist. Pass a run's output directory, "
@@ -745,6 +769,144 @@ def resolve_checkpoint(spec: str | Path) -> tuple[Path, str]:
         f"{path} holds no DeepSpeed checkpoint (no `latest` file and no "
         "*model_states.pt). Pass a directory written by dstrain train."
     )
+
+
+# --------------------------------------------------------------------------------------
+# Universal checkpoints: a resume on another world size
+# --------------------------------------------------------------------------------------
+
+
+def universal_path(ckpt_dir: Path, tag: str) -> Path:
+    """Where the universal copy of a tag is kept: `TAG.universal` beside it (not a tag name:
+    tag listing, the index, pruning by name and `--resume auto` pass it by; it is deleted
+    with its tag)."""
+    return ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+
+
+def universal_checkpoint(
+    ckpt_dir: Path, tag: str, *, trust: bool = False, verified: bool = True
+) -> tuple[Path, bool]:
+    """The universal copy of one tag (DeepSpeed's `ds_to_universal`), for a ZeRO 1-3 resume
+    on another world size: (its directory, whether it was made now). A copy made earlier
+    from the same files (its manifest names the tag's manifest by sha256, and it verifies)
+    is reused; otherwise the tag is converted into `TAG.universal.partial/` and renamed into
+    place, so a killed conversion leaves only a `.partial` directory (removed at the next
+    resume). `ds_to_universal` unpickles the tag in full: it must have passed
+    `verify_checkpoint` (`verified=False` verifies it here). Raises DstrainError naming
+    what cannot be converted (a ZeRO-0 tag, which needs no conversion)."""
+    if tag.endswith(UNIVERSAL_SUFFIX):
+        raise DstrainError(f"{ckpt_dir / tag} is a universal copy already; name its tag.")
+    tag_dir = ckpt_dir / tag
+    manifest = None if verified else verify_checkpoint(ckpt_dir, tag, trust=trust)
+    if manifest is None and (tag_dir / MANIFEST_NAME).exists():
+        manifest = _read_manifest(tag_dir)
+    if not any(tag_dir.glob("*optim_states.pt")):
+        raise DstrainError(
+            f"{tag_dir} is a ZeRO-0 checkpoint (no *optim_states.pt: every rank kept the whole "
+            "optimizer state, saved once in mp_rank_00_model_states.pt). It needs no "
+            "conversion: --resume loads it on any number of ranks as it is."
+        )
+    source = hash_file(tag_dir / MANIFEST_NAME)["sha256"] if manifest else None
+    out = universal_path(ckpt_dir, tag)
+    if out.is_dir() and not out.is_symlink() and source is not None:
+        try:
+            cached = verify_checkpoint(ckpt_dir, out.name)
+        except DamagedCheckpoint:
+            cached = None
+        if cached and cached.get("source_manifest_sha256") == source:
+            return out, False
+    if out.exists() or out.is_symlink():  # stale (the tag was saved again) or damaged
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    staging = ckpt_dir / f"{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        # ds_to_universal writes `latest_universal` beside its output: inside the staging dir.
+        _convert_to_universal(tag_dir, staging / out.name, staging / "conversion.log")
+        files = {
+            name: hash_file(staging / out.name / name, sync=True)
+            for name in tag_files(staging / out.name)
+        }
+        write_manifest(
+            staging / out.name,
+            tag=out.name,
+            step=(manifest or {}).get("step", -1),
+            world_size=(manifest or {}).get("world_size", -1),
+            files=files,
+            extra={"source_tag": tag, "source_manifest_sha256": source},
+        )
+        (staging / out.name).rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, True
+
+
+def _convert_to_universal(tag_dir: Path, out: Path, log: Path) -> None:
+    """DeepSpeed's ds_to_universal on one tag, its chatter (print, tqdm) sent to `log`."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from dstrain.ds_runtime import redirect_fds
+
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        num_extract_workers=1,  # no process pool inside a training rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # dstrain's model carries no universal-checkpoint info (a Megatron feature); the
+        # converter then asks for this flag, which records the format version alone.
+        inject_missing_state=True,
+    )
+    try:  # print and tqdm write to sys.stdout / sys.stderr, C code to the fds
+        with (
+            redirect_fds(log),
+            open(log, "a") as sink,
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            ds_to_universal(args)
+    except Exception as exc:  # the converter raises assertions, OSError, KeyError, ...
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise DstrainError(
+            f"DeepSpeed's ds_to_universal could not convert {tag_dir} "
+            f"({type(exc).__name__}: {str(exc)[:200]}"
+            + (f"; its last output: {' | '.join(tail)[:300]}" if tail else "")
+            + "). Nothing was written beside it; resume on the number of ranks that wrote it."
+        ) from None
+
+
+def restore_universal_param_groups(engine: Any, universal_dir: Path) -> None:
+    """After a ZeRO-3 load of a universal checkpoint, undo two faults of DeepSpeed 0.19.8's
+    loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`; ZeRO 1-2 load right):
+    it gives every parameter group the hyperparameters of the first, so dstrain's no-decay
+    group (biases, norms) would go on with weight decay; and it gives every group the same
+    `step` tensor, which torch's Adam advances in place once per group, so each optimizer
+    step would count as several in the bias correction. Each group gets its own
+    hyperparameters from the converted optimizer state back, and its own step."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    import torch
+
+    state = engine.optimizer.optimizer.state
+    for values in state.values():
+        if torch.is_tensor(values.get("step")):
+            values["step"] = values["step"].clone()
+    saved = load_restricted(universal_dir / "zero" / "optimizer_state.pt").get("param_groups")
+    groups = engine.optimizer.optimizer.param_groups
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        raise DstrainError(
+            f"{universal_dir} holds {len(saved) if isinstance(saved, list) else 'no'} "
+            f"optimizer parameter group(s), the optimizer has {len(groups)}: convert the "
+            "checkpoint again (delete this directory) or resume on the world size that wrote it."
+        )
+    for group, own in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in own.items() if key != "params"})
 
 
 def load_run_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:

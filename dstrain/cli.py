@@ -367,6 +367,49 @@ def export_command(
         )
 
 
+@cli.group("checkpoint")
+def checkpoint_group() -> None:
+    """Work on a dstrain run's DeepSpeed checkpoints."""
+
+
+@checkpoint_group.command("reshape")
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Convert a checkpoint that has no dstrain_manifest.json (one from an older dstrain). "
+    "The conversion unpickles it in full, which can run code hidden in a file: only for "
+    "checkpoints from a source you trust.",
+)
+def checkpoint_reshape_command(checkpoint: str, trust_checkpoint: bool) -> None:
+    """Convert a checkpoint for a resume on another number of GPUs.
+
+    CHECKPOINT is a run's output directory, its checkpoints/ directory, or one step
+    directory in it. The tag is verified against its manifest, then converted by
+    DeepSpeed's ds_to_universal into TAG.universal beside it: the copy `--resume` makes
+    (and reuses) by itself when the world size changed, done ahead of time. ZeRO-0
+    checkpoints need no conversion and are refused.
+    """
+    import json
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed's accelerator warning stays off stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dstrain.checkpoints import MANIFEST_NAME, resolve_checkpoint, universal_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    path, made = universal_checkpoint(ckpt_dir, tag, trust=trust_checkpoint, verified=False)
+    world = json.loads((path / MANIFEST_NAME).read_text()).get("world_size")
+    written = f", written by {world} rank(s)" if isinstance(world, int) and world > 0 else ""
+    click.echo(
+        f"{'wrote' if made else 'reused'} {path}: the universal checkpoint of "
+        f"{ckpt_dir / tag}{written}. `dstrain train --resume auto` (or --resume "
+        f"{ckpt_dir / tag}) loads it on any number of ranks with the same global batch."
+    )
+
+
 @cli.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR...]")
 @click.option(
@@ -931,7 +974,13 @@ def doctor_command(
     help="DeepSpeed JSON to read stage, buckets, offload, precision and micro batch from; "
     "flags given here win.",
 )
-@click.option("--zero-init", is_flag=True, help="The model is built under deepspeed.zero.Init.")
+@click.option(
+    "--zero-init/--no-zero-init",
+    default=None,
+    help="Whether ZeRO-3 builds the model under deepspeed.zero.Init, as dstrain train does "
+    "by default (no rank holds the whole model); --no-zero-init: every rank builds it whole "
+    "first (dstrain train --no-zero-init). Stages 0-2 always do.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option(
     "--plot",
@@ -940,6 +989,56 @@ def doctor_command(
     metavar="FILE.png",
     help="Also draw a stacked bar per ZeRO stage against the usable GPU memory, the "
     "recommended stage marked (.png, .svg or .pdf; imports matplotlib).",
+)
+@click.option(
+    "--measure",
+    is_flag=True,
+    help="Calibrate on this machine: for each candidate the estimate says might fit (ZeRO "
+    "stage x micro batch x activation checkpointing x optimizer offload), start "
+    "--gpus-per-node real ranks (CPU ranks on a CPU-only machine) for a few steps on "
+    "--seq-len batches, print the measured peak beside the estimate, and write the fastest "
+    "that fits as a DeepSpeed JSON (-o). Imports torch and DeepSpeed; minutes.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="With --measure: write the chosen DeepSpeed JSON here (atomically; default "
+    "ds_config.json in the current directory, which must not exist).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(2, 1000),
+    default=3,
+    show_default=True,
+    help="With --measure: training steps per candidate (the first is not timed).",
+)
+@click.option(
+    "--stages",
+    default="0,1,2,3",
+    show_default=True,
+    help="With --measure: ZeRO stages to try, comma-separated.",
+)
+@click.option(
+    "--max-micro-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="With --measure and no --micro-batch: try micro batches 1, 2, 4, ... up to this.",
+)
+@click.option(
+    "--max-candidates",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="With --measure: at most this many engine launches.",
+)
+@click.option(
+    "--candidate-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="With --measure: seconds one candidate may run before it is stopped (reported).",
 )
 def estimate_command(
     model_name: str | None,
@@ -964,9 +1063,10 @@ def estimate_command(
     activation_checkpointing: str,
     attention: str,
     ds_config_path: str | None,
-    zero_init: bool,
+    zero_init: bool | None,
     as_json: bool,
     plot_path: str | None,
+    **measure_flags,
 ) -> None:
     """Per-GPU memory for ZeRO stages 0-3, and the lowest stage that fits.
 
@@ -977,7 +1077,16 @@ def estimate_command(
     \b
       dstrain estimate --model genslm_2.5B --gpus-per-node 4 --nodes 2 \\
           --gpu-mem-gib 40 --plot estimate.png
+      dstrain estimate --model genslm_25M --gpus-per-node 2 --measure -o ds.json
     """
+    from dstrain.calibrate import measure_command, refuse_measure_only_flags
+
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name != "DEFAULT"}
+    if measure_flags["measure"]:  # light until the flags are checked (torch comes later)
+        measure_command(dict(ctx.params), given)
+        return
+    refuse_measure_only_flags(given)
     from dstrain.memory import estimate_from_flags
 
     if plot_path is not None:  # a name matplotlib cannot write is refused before any work

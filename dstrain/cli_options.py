@@ -335,6 +335,7 @@ TRAIN_ROWS = (
     Row("resume", const="auto"),
     Row("init_checkpoint"),
     Row("trust_checkpoint"),
+    Row("zero_init"),
     Row("seed"),
     *(Row(f"data.{row.path}") for row in DATA_ROWS),
     Row("data.padding"),

@@ -80,8 +80,9 @@ Communication buffers (per GPU, allocated whole at the configured sizes):
 stage 0: the engine's flat all-reduce bucket, b x min(Ψ, 5e8) (engine.py,
 `MEMORY_OPT_ALLREDUCE_SIZE`); stages 1-2: the gradient bucket, b x `reduce_bucket_size`,
 twice with `overlap_comm` (stage_1_and_2.py `setup_buckets`; the parameter all-gather
-writes in place and needs no bucket); stage 3: one gradient bucket plus the gathered
-("live") parameters, b x min(Ψ, `stage3_max_live_parameters`, largest module +
+writes in place and needs no bucket); stage 3: one gradient bucket, the flat copy of its
+gradients that the reduce-scatter makes (b x min(bucket, Ψ)) and the gathered ("live")
+parameters, b x min(Ψ, `stage3_max_live_parameters`, largest module +
 `stage3_prefetch_bucket_size`). With optimizer offload, ZeRO-1/2 keep a GPU staging buffer
 of the largest parameter (`temp_grad_buffer_for_gpu_offload`).
 
@@ -114,7 +115,11 @@ the backward pass) are not counted.
 Total, fit, recommendation
 --------------------------
 total = model states + activations + buffers: an upper bound, since the activations peak
-in forward/backward and the fp32 gradient copies inside the optimizer step. Startup can
+in forward/backward and the fp32 gradient copies inside the optimizer step. `peak_bytes`
+counts only the larger of the activations and the gradients made after them (stages 0-2:
+all gradients, made in backward as the activations are freed; ZeRO-3: the step's copies
+of a sub-group): 2 CPU ranks' measured peaks, and genslm_250M's on an H200 (1.85 GB below
+the total, 8Ψ at N = 1), follow it. Fit is still judged on the total. Startup can
 peak higher: without `zero.Init`, ZeRO-3 first moves the whole 16-bit model to each GPU
 (bΨ). A stage fits when max(total, startup) <= (1 - headroom) x GPU memory, and the
 CPU RAM per node (offload, and each rank building the fp32 model on CPU: 4Ψ x GPUs per
@@ -288,9 +293,11 @@ class MemoryInputs:
     attention: Attention = "sdpa"
     activation_checkpointing: Checkpointing = "none"
     zero: ZeroKnobs = ZeroKnobs()
-    zero_init: bool = False
-    """Whether the model is built under `deepspeed.zero.Init` (ZeRO-3 then never holds
-    the whole model on one GPU)."""
+    zero_init: bool | None = None
+    """Whether ZeRO-3 builds the model under `deepspeed.zero.Init` (partitioned as it is
+    built: no GPU ever holds the whole 16-bit model, no rank the whole fp32 model on CPU).
+    None: as `dstrain train` does, which is yes (False: `--no-zero-init`). Stages 0-2
+    always build the whole fp32 model on every rank's CPU first."""
     gpu_mem_gib: float | None = None
     cpu_mem_gib: float | None = None
     """Per GPU / per node; None: fit is not judged."""
@@ -341,6 +348,9 @@ class StageEstimate:
     """None when unknown (no GPU memory given, or activations unknown but model states
     alone fit)."""
     notes: tuple[str, ...] = ()
+    exclusive_gradients_bytes: int = 0
+    """The part of `gradients_bytes` that never coexists with the activations (see
+    `_exclusive_gradients_bytes`)."""
 
     @property
     def comm_buffer_bytes(self) -> int:
@@ -350,6 +360,13 @@ class StageEstimate:
     def total_bytes(self) -> int:
         """Model states + activations (when known) + buffers."""
         return self.model_states_bytes + (self.activations_bytes or 0) + self.comm_buffer_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The total less what never coexists: gradients the backward pass makes while it
+        frees the activations, and the step's copies of them after it, so only the larger
+        of the two counts (checked against measured peaks by `dstrain estimate --measure`)."""
+        return self.total_bytes - min(self.activations_bytes or 0, self.exclusive_gradients_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +470,23 @@ def _model_state_terms(inp: MemoryInputs, stage: int) -> tuple[int, int, int, li
     return params, grads, 12 * shard, notes
 
 
+def _exclusive_gradients_bytes(inp: MemoryInputs, stage: int, gradients: int) -> int:
+    """Gradient bytes that exist only once the activations are freed. Stages 0-2 create
+    their gradients in backward, layer by layer as the activations go, reduce them at the
+    end of it, copy and cast them in the step and drop them afterwards (the engine zeroes
+    `.grad` to None; ZeRO-1/2 rebuild their partition each step): all of them. ZeRO-3
+    keeps its 16-bit gradient partition (`grad_partitions_flat_buffer`) for the whole run,
+    so only the step's flat copy and fp32 cast of a sub-group count."""
+    if stage < 3:
+        return gradients
+    if inp.zero.offload_optimizer != "none":
+        return 0
+    b = param_bytes(inp.precision)
+    fp32_cast = 4 if b != 4 else 0
+    shard = math.ceil(inp.model.num_params / inp.world_size)
+    return (b + fp32_cast) * min(shard, inp.zero.sub_group_size)
+
+
 def _largest(numels: list[int] | None) -> int:
     return max(numels) if numels else 0
 
@@ -475,7 +509,13 @@ def _comm_buffers(inp: MemoryInputs, stage: int) -> dict[str, int]:
         z.stage3_max_live_parameters,
         _largest(inp.model.module_numels()) + z.stage3_prefetch_bucket_size,
     )
-    return {"reduce_bucket_bytes": b * z.reduce_bucket_size, "live_params_bytes": b * live}
+    return {
+        "reduce_bucket_bytes": b * z.reduce_bucket_size,
+        # reduce_scatter_coalesced (runtime/comm/coalesced_collectives.py) torch.cat's the
+        # bucket's gradients into one padded flat copy before the reduce-scatter.
+        "reduce_scatter_copy_bytes": b * min(z.reduce_bucket_size, n),
+        "live_params_bytes": b * live,
+    }
 
 
 def _offload_bytes_per_rank(inp: MemoryInputs, stage: int) -> tuple[int, int]:
@@ -559,11 +599,13 @@ def _stage_estimate(inp: MemoryInputs, stage: int) -> StageEstimate:
     )
     buffers = _comm_buffers(inp, stage)
     b = param_bytes(inp.precision)
-    startup = b * inp.model.num_params if stage == 3 and not inp.zero_init else 0
+    partitioned_build = stage == 3 and inp.zero_init is not False
+    startup = b * inp.model.num_params if stage == 3 and not partitioned_build else 0
     cpu_rank, nvme_rank = _offload_bytes_per_rank(inp, stage)
     cpu_offload_node = cpu_rank * inp.gpus_per_node
-    # Each rank builds the model in fp32 on CPU before DeepSpeed moves it (no zero.Init).
-    cpu_load_node = 0 if inp.zero_init else 4 * inp.model.num_params * inp.gpus_per_node
+    # Without zero.Init each rank builds the whole model in fp32 on CPU before DeepSpeed
+    # moves it; under zero.Init (stage 3) no rank holds more than its partition.
+    cpu_load_node = 0 if partitioned_build else 4 * inp.model.num_params * inp.gpus_per_node
     cpu_node = max(cpu_offload_node, cpu_load_node)
 
     z = inp.zero
@@ -603,6 +645,7 @@ def _stage_estimate(inp: MemoryInputs, stage: int) -> StageEstimate:
         nvme_bytes_per_node=nvme_rank * inp.gpus_per_node,
         fits=fits,
         notes=tuple(notes),
+        exclusive_gradients_bytes=_exclusive_gradients_bytes(inp, stage, grads),
     )
 
 
@@ -631,7 +674,7 @@ def _what_ifs(inp: MemoryInputs) -> list[tuple[list[str], MemoryInputs]]:
         cur = dataclasses.replace(cur, zero=dataclasses.replace(cur.zero, offload_param="cpu"))
         flags = [*flags, "--offload-param cpu"]
         steps.append((flags, cur))
-    if not cur.zero_init:
+    if cur.zero_init is False:
         cur = dataclasses.replace(cur, zero_init=True)
         flags = [*flags, "--zero-init"]
         steps.append((flags, cur))
@@ -769,7 +812,7 @@ def estimate_for_run(
     micro_batch: int | None = None,
     attention: Attention = "sdpa",
     activation_checkpointing: Checkpointing = "none",
-    zero_init: bool = False,
+    zero_init: bool | None = None,
     gpu_mem_gib: float | None = None,
     cpu_mem_gib: float | None = None,
 ) -> MemoryEstimate:
@@ -872,7 +915,7 @@ def estimate_from_flags(
     activation_checkpointing: str = "none",
     attention: str = "sdpa",
     ds_config_path: str | None = None,
-    zero_init: bool = False,
+    zero_init: bool | None = None,
 ) -> MemoryEstimate:
     """`dstrain estimate`'s flags (None = not given) -> the estimate.
 
@@ -1044,7 +1087,7 @@ def _describe_inputs(inp: MemoryInputs) -> list[str]:
         f"{inp.optimizer} (K = {k}), attention {inp.attention}",
         f"         activation checkpointing {inp.activation_checkpointing}, offload optimizer "
         f"{z.offload_optimizer} / params {z.offload_param}"
-        + (", zero.Init" if inp.zero_init else ""),
+        + (", ZeRO-3 built whole first (no zero.Init)" if inp.zero_init is False else ""),
     ]
 
 
@@ -1074,7 +1117,9 @@ def format_estimate_table(estimate: MemoryEstimate) -> str:
         "GiB per GPU. states = what DeepSpeed 0.19 allocates at the step peak; (paper) = the "
         "ZeRO paper's 2+2+K bytes/param accounting. total = states + activations + buffers, an "
         "upper bound: activations and the optimizer step peak at different moments. CPU/node: "
-        "offloaded state, or every rank building the fp32 model on CPU at startup."
+        "offloaded state, or every rank building the whole fp32 model on CPU at startup "
+        "(stages 0-2; ZeRO-3 builds it partitioned, under zero.Init"
+        + (", unless --no-zero-init as here)." if inp.zero_init is False else ").")
     )
     if inp.zero.stage is not None:
         legend += " * = the DeepSpeed config's stage."
@@ -1110,6 +1155,7 @@ def estimate_to_json(estimate: MemoryEstimate) -> dict[str, Any]:
                 "comm_buffers": dict(row.comm_buffers),
                 "startup_bytes": row.startup_bytes,
                 "total_bytes": row.total_bytes,
+                "peak_bytes": row.peak_bytes,
                 "cpu_bytes_per_node": row.cpu_bytes_per_node,
                 "cpu_offload_bytes_per_node": row.cpu_offload_bytes_per_node,
                 "nvme_bytes_per_node": row.nvme_bytes_per_node,
@@ -1143,7 +1189,7 @@ def estimate_to_json(estimate: MemoryEstimate) -> dict[str, Any]:
             "optimizer": inp.optimizer,
             "attention": inp.attention,
             "activation_checkpointing": inp.activation_checkpointing,
-            "zero_init": inp.zero_init,
+            "zero_init": inp.zero_init is not False,  # ZeRO-3 builds under zero.Init
             "headroom": inp.headroom,
             "zero_optimization": dataclasses.asdict(inp.zero),
         },

@@ -3,9 +3,12 @@
 Heavy layer (L1): torch and transformers. The shapes come from `dstrain.architectures`.
 
 - `build_model("genslm_25M")` builds a `GPTNeoXForCausalLM` in fp32 on the CPU (or on the
-  meta device for counting or for sizes that do not fit), with randomly initialised weights.
+  meta device for counting or for sizes that do not fit), with randomly initialised weights;
+  `zero_init=ds_config` builds it ZeRO-3 partitioned under `deepspeed.zero.Init`, with the
+  same weights.
 - `load_init_checkpoint(model, path)` loads an official GenSLM `.pt` checkpoint or an HF
-  model directory into it, strictly: every tensor present, nothing extra, same shapes.
+  model directory into it, strictly: every tensor present, nothing extra, same shapes (into
+  a partitioned model one module at a time).
 - `convert_checkpoint(src, "genslm_25M", out_dir)` writes an HF model directory
   (safetensors + config.json + the codon tokenizer) that
   `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
@@ -33,6 +36,7 @@ import pickle
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -154,6 +158,7 @@ def build_model(
     *,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    zero_init: Mapping[str, Any] | None = None,
 ) -> GPTNeoXForCausalLM:
     """A randomly initialised GenSLM model in fp32 on `device` (`"meta"`: shapes only).
 
@@ -167,15 +172,94 @@ def build_model(
     kernels on a GPU, padding and packed rows through its mask) asked for by name, so a
     transformers whose default moves does not change training silently; "eager" (the
     explicit softmax) stays available for comparisons. Not saved in config.json.
+
+    `zero_init`: a DeepSpeed config (ZeRO stage 3, process group up) to build the model
+    inside `deepspeed.zero.Init` with, partitioned as it is built, in that config's dtype:
+    no rank ever holds the whole model (see `_zero_init_build`). Same weights as the
+    plain build for the same seed (rounded to bf16 under a bf16 config).
     """
     arch = resolve_architecture(arch_or_name)
     config = gpt_neox_config(arch)
     config._attn_implementation = attn_implementation  # checked by the model's __init__
-    with torch.device(device), _default_dtype(torch.float32):
-        model = GPTNeoXForCausalLM(config)
+    if zero_init is not None:
+        model = _zero_init_build(config, zero_init)
+    else:
+        with torch.device(device), _default_dtype(torch.float32):
+            model = GPTNeoXForCausalLM(config)
     model.generation_config = generation_config(config)  # written by save_pretrained
     check_param_count(model, arch)
     return model
+
+
+def _zero_init_build(config: GPTNeoXConfig, ds_config: Mapping[str, Any]) -> GPTNeoXForCausalLM:
+    """`GPTNeoXForCausalLM(config)` inside `deepspeed.zero.Init(ds_config)`, with the plain
+    build's weights.
+
+    zero.Init partitions each module's parameters as soon as that module's `__init__`
+    returns. The constructors' own initialisation (torch's `reset_parameters`) still runs
+    on whole tensors, one module at a time, drawing from the RNG exactly as in a plain
+    build. transformers' `post_init`, however, runs at the end of `GPTNeoXModel.__init__`
+    and again at the end of the LM's, when the modules it initialises are already
+    partitioned: on a rank's empty stand-ins it would draw nothing and change nothing.
+    So, during the build, GPT-NeoX's `initialize_weights` is replaced by one that walks
+    the modules in the same order as transformers' (children first), gathering each
+    module's parameters (and its direct children's) under `GatheredParameters(...,
+    modifier_rank=0)` while it runs the model's own `_initialize_weights` on them. Every
+    rank runs it, so every rank's RNG advances as in a plain build; rank 0's values are
+    the ones kept. (transformers' own ZeRO-3 path, `from_config` under an
+    `HfDeepSpeedConfig`, skips the constructors' initialisation and initialises on rank 0
+    only, so its weights differ from a plain build's for the same seed.)
+
+    zero.Init also creates every floating tensor in the config's dtype, `torch.arange`
+    included, which would compute the rotary `inv_freq` buffers in bf16;
+    transformers' `prevent_arange_dtype_change` keeps them fp32, as a plain build (and
+    the engine, which leaves buffers alone under ZeRO-3) has them.
+    """
+    import deepspeed
+    from transformers.initialization import guard_torch_init_functions
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXPreTrainedModel
+
+    def initialize_weights_gathered(self: transformers.PreTrainedModel) -> None:
+        custom_code = self.is_custom_code()
+
+        def visit(module: torch.nn.Module, init_fn) -> None:
+            children = list(module.children())
+            for child in children:
+                own = isinstance(child, transformers.PreTrainedModel)
+                visit(child, child._initialize_weights if own else init_fn)
+            params = list(module.parameters(recurse=False))
+            for child in children:  # an _init_weights may set a direct child's tensors
+                if not isinstance(child, transformers.PreTrainedModel):
+                    params.extend(child.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                init_fn(module, custom_code)
+
+        with torch.no_grad(), guard_torch_init_functions():
+            visit(self, self._initialize_weights)
+
+    cls = GPTNeoXPreTrainedModel
+    previous = vars(cls).get("initialize_weights")  # None: inherited from PreTrainedModel
+    cls.initialize_weights = initialize_weights_gathered
+    try:
+        with (
+            prevent_arange_dtype_change(),  # must come before zero.Init
+            deepspeed.zero.Init(config_dict_or_path=dict(ds_config)),
+            _default_dtype(torch.float32),
+        ):
+            model = GPTNeoXForCausalLM(config)
+    finally:
+        if previous is None:
+            del cls.initialize_weights
+        else:
+            cls.initialize_weights = previous
+    return model
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are ZeRO-3 partitions (built under zero.Init or
+    wrapped by a stage 3 engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def weight_decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -185,8 +269,9 @@ def weight_decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     back to names with it."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition is 1-D
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "layernorm" in name.lower() else decay).append(name)
+            (no_decay if ndim < 2 or "layernorm" in name.lower() else decay).append(name)
     return decay, no_decay
 
 
@@ -223,13 +308,25 @@ def _weights_only_reason(exc: BaseException) -> str:
     return match.group(1).strip() if match else " ".join(text.split())[:200]
 
 
+def _torch_load_mapped(path: Path, *, weights_only: bool) -> object:
+    """`torch.load` with the file memory-mapped: tensors are read from the file when used,
+    so a ZeRO-3 load (`load_state_dict_strictly`) never holds every tensor at once. Files
+    in torch's old (pre-1.6, non-zip) format cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _torch_load(path: Path, *, trust_checkpoint: bool) -> object:
     """`torch.load` on the CPU: tensors-only first, full unpickling only when trusted."""
     from dstrain.inputs import check_regular_file
 
     check_regular_file(path, "checkpoint")  # a FIFO would block torch.load, /dev/zero never end
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load_mapped(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _weights_only_reason(exc)
     except Exception as exc:  # torch raises many types for a file it cannot parse
@@ -246,7 +343,7 @@ def _torch_load(path: Path, *, trust_checkpoint: bool) -> object:
             "--trust-checkpoint (trust_checkpoint=True in Python); otherwise do not load it."
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _torch_load_mapped(path, weights_only=False)
     except Exception as exc:  # unpickling a foreign file can raise anything
         raise DstrainError(
             f"cannot read checkpoint {path} even with --trust-checkpoint: "
@@ -488,16 +585,25 @@ def load_state_dict_strictly(
     On a mismatch the DstrainError names each missing and unexpected tensor and each
     shape difference (checkpoint vs model), and, when the checkpoint's shapes are those of
     another registered architecture, the `--model` to use instead.
+
+    A ZeRO-3 partitioned model (built under zero.Init) is filled module by module: each
+    module's parameters are gathered (`GatheredParameters(..., modifier_rank=0)`), rank 0
+    copies the checkpoint's tensors in, and DeepSpeed hands every rank its partition
+    back; so at most one module is ever whole. Every rank runs it (collectives).
     """
-    if any(p.is_meta for p in model.parameters()):
+    partitioned = is_partitioned(model)
+    if not partitioned and any(p.is_meta for p in model.parameters()):
         raise ValueError("load_state_dict_strictly needs a model on a real device, not meta")
-    expected = model.state_dict()
+    expected = {  # a partitioned parameter's own shape is empty; ds_shape is the model's
+        k: torch.Size(getattr(t, "ds_shape", t.shape))
+        for k, t in model.state_dict(keep_vars=True).items()
+    }
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k} is {list(state[k].shape)} in the checkpoint but {list(t.shape)} in the model"
-        for k, t in expected.items()
-        if k in state and state[k].shape != t.shape
+        f"{k} is {list(state[k].shape)} in the checkpoint but {list(shape)} in the model"
+        for k, shape in expected.items()
+        if k in state and state[k].shape != shape
     ]
     if missing or unexpected or mismatched:
         arch = architecture_of(model)
@@ -520,7 +626,29 @@ def load_state_dict_strictly(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_listed(unexpected)}")
         raise DstrainError(". ".join(parts) + ".")
-    model.load_state_dict(state, strict=True)  # copy_ casts (upstream fp16 -> fp32) per tensor
+    if partitioned:
+        _load_into_partitions(model, state)
+    else:
+        model.load_state_dict(state, strict=True)  # copy_ casts (upstream fp16 -> fp32)
+
+
+def _load_into_partitions(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`state` (checked complete) into a ZeRO-3 partitioned `model`, one module at a time."""
+    import deepspeed
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            own = [(dot + name, p) for name, p in module.named_parameters(recurse=False)]
+            if own:
+                with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                    if rank == 0:
+                        for name, param in own:
+                            param.copy_(state[name])  # casts (upstream fp16 -> bf16 / fp32)
+            for name, buffer in module.named_buffers(recurse=False):
+                if dot + name in state:  # buffers are whole on every rank
+                    buffer.copy_(state[dot + name])
 
 
 def load_init_checkpoint(

@@ -714,6 +714,12 @@ class TrainSettings(_Node):
     resume from a checkpoint without dstrain_manifest.json (an older dstrain's). Unpickling
     can run code hidden in a file: only for files from a source you trust."""
 
+    zero_init: bool | None = None
+    """Build the model inside deepspeed.zero.Init, partitioned as it is built, so that no
+    rank ever holds the whole fp32 model (ZeRO stage 3 only; --init-checkpoint then loads
+    one module at a time). Unset: on under stage 3. --no-zero-init builds the whole model
+    on every rank first and lets the engine partition it: same weights, more memory."""
+
     seed: int = 0
     """Seeds weights, data order and every RNG."""
 

@@ -840,6 +840,32 @@ class LoopState:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
 
+LOOP_COUNTERS = ("samples_seen", "tokens_seen", "useful_tokens_seen")
+"""The LoopState counters a checkpoint holds as whole-job figures (summed over ranks)."""
+
+
+@dataclasses.dataclass
+class EpochLayout:
+    """How the current epoch's micro-batches are dealt when a run changed its world size
+    part-way through it (`dstrain.batch_plan.consumed_after`). Saved in every checkpoint's
+    client_state under "epoch_layout"; the defaults (no key: an older checkpoint) mean the
+    epoch was planned for the world that runs it."""
+
+    plan_world: int | None = None
+    """Ranks the epoch's plan was made for (None: the ranks running it now)."""
+    offset: int = 0
+    """Micro-batches of that plan run before the ranks running it now took over."""
+
+    @classmethod
+    def from_dict(cls, saved: Any) -> EpochLayout:
+        if not isinstance(saved, dict):
+            return cls()
+        world, offset = saved.get("plan_world"), saved.get("offset", 0)
+        ok = isinstance(offset, int) and offset >= 0
+        ok = ok and (world is None or (isinstance(world, int) and world >= 1))
+        return cls(world, offset) if ok else cls()
+
+
 @dataclasses.dataclass
 class ThroughputWindow:
     """Training work on this rank since the last log row, evaluation or save."""
@@ -976,22 +1002,37 @@ def build_engine(
 ):
     """(the model (random or --init-checkpoint weights, SDPA attention) wrapped by
     `deepspeed.initialize` with the config `device_config` makes for this machine, the
-    optimizer it built in words)."""
+    optimizer it built in words).
+
+    Under ZeRO stage 3 (unless `settings.zero_init` is False) the model is built inside
+    `deepspeed.zero.Init` with that config and loads --init-checkpoint module by module,
+    so no rank holds it whole; the weights equal the plain build's for the same seed."""
     import deepspeed
     import torch
 
     from dstrain.model import build_model, load_init_checkpoint
 
+    run = checked.run
+    if settings.zero_init and run.zero.stage != 3:
+        raise same_on_all_ranks(
+            DstrainError(
+                f"--zero-init (zero_init) needs ZeRO stage 3, but {checked.source} asks for "
+                f"stage {run.zero.stage}: deepspeed.zero.Init partitions parameters the way "
+                "only stage 3 trains them. Drop --zero-init, or train with stage 3 "
+                "(--zero 3, or zero_optimization.stage 3 in the JSON)."
+            )
+        )
     # Refuses emulated bf16 before anything is built; CPU: torch AdamW for an auto block.
     config, optimizer = device_config(checked, log)
+    config = json.loads(json.dumps(config))  # plain dicts (see deepspeed.initialize below)
+    zero_init = run.zero.stage == 3 and settings.zero_init is not False
     torch.manual_seed(settings.seed)
-    model = build_model(arch, attn_implementation="sdpa")
+    model = build_model(arch, attn_implementation="sdpa", zero_init=config if zero_init else None)
     if settings.init_checkpoint:
         load_init_checkpoint(
             model, settings.init_checkpoint, trust_checkpoint=settings.trust_checkpoint
         )
     model.config.use_cache = False
-    run = checked.run
     if run.activation_checkpointing.enabled:
         # The block asks for recomputation; DeepSpeed's own checkpointing API serves
         # Megatron-style models, so GPT-NeoX recomputes its layers through HF's switch.
@@ -1108,12 +1149,16 @@ class Trainer:
             raise same_on_all_ranks(exc) from None
 
         # Resume point: loads the checkpoint into the engine, returns the loop state.
+        self.layout = EpochLayout()  # a resume on another world size sets it
+        self.resume_lines: list[str] = []  # logged at resume: a conversion, a new layout
         self.loop, self.start_step = self._resume()
         self.last_eval_step: int | None = None
         # Only now: a refused resume must leave the run's settings.json as it was.
         self._write_run_files()
 
-        self.estimate = estimate_run_memory(arch, self.run, self.world, *self._activation_shape())
+        self.estimate = estimate_run_memory(
+            arch, self.run, self.world, *self._activation_shape(), zero_init=settings.zero_init
+        )
         self._banner()
 
         # Telemetry: the fp16 guard, the throughput window, metrics.jsonl, the bar.
@@ -1169,39 +1214,72 @@ class Trainer:
             remove_stale_staging,
             repair_index,
             restore_rng_state,
+            restore_universal_param_groups,
         )
 
-        where, failure = None, None
+        where, failure, load = None, None, None
         if self.rank == 0:
             try:
                 where, notes, damaged = self._resume_point()
+                saved_world = self.world
                 if where is not None:
-                    self._check_resume_compatible(*where)
+                    saved_world = self._check_resume_compatible(*where)
                 # Only a run that goes ahead tidies its checkpoints (before its first save):
-                # leftovers of a killed save, and a damaged checkpoints.json rebuilt.
+                # leftovers of a killed save or conversion, a damaged checkpoints.json rebuilt.
                 notes += remove_stale_staging(self.ckpt_dir)
                 notes.append(repair_index(self.ckpt_dir, drop=damaged))
                 for note in filter(None, notes):
                     self.log(f"note: {note}")
+                if where is not None:
+                    load = self._load_point(*where, saved_world)
             except DstrainError as exc:
                 failure = str(exc)
             except OSError as exc:  # every rank must hear of it, or the others would wait
                 failure = f"cannot use {exc.filename}: {exc.strerror or exc}"
         all_ranks_agree(self.dist, failure)
-        decision = [where]
+        decision = [where, load]
         self.dist.broadcast_object_list(decision, src=0)
         if decision[0] is None:
             return LoopState(), 0
-        ckpt_dir, tag = decision[0]
-        client = load_run_checkpoint(self.engine, ckpt_dir, tag).get("dstrain", {})
+        (ckpt_dir, tag), (load_dir, load_tag, universal, saved_world) = decision
+        # A universal checkpoint loads through DeepSpeed's `checkpoint.load_universal`, a
+        # flag it reads only while loading: set for this one load (build_engine's config
+        # stays the run's own, so later saves and loads are the ordinary kind).
+        config = self.engine._config
+        config.load_universal_checkpoint, plain = universal, config.load_universal_checkpoint
+        try:
+            client = load_run_checkpoint(self.engine, load_dir, load_tag).get("dstrain", {})
+        finally:
+            config.load_universal_checkpoint = plain
+        if universal:
+            restore_universal_param_groups(self.engine, load_dir / load_tag)
         sync_lr_to_schedule(self.engine)  # the saved position, not advanced again
-        loop = LoopState.from_dict(client.get("loop", {}))
-        rng = client.get("rng", {}).get(str(self.rank))
+        saved_loop = client.get("loop", {})
+        loop = LoopState.from_dict(saved_loop)
+        # Counters come back as whole-job figures, carried by rank 0 (the summary sums
+        # over ranks); checkpoints before that held rank 0's own count.
+        scale = 1 if saved_loop.get("counters") == "global" else saved_world
+        for name in LOOP_COUNTERS:
+            setattr(loop, name, getattr(loop, name) * scale if self.rank == 0 else 0)
+        self.layout = EpochLayout.from_dict(client.get("epoch_layout"))
+        if saved_world != self.world:
+            self._reshape_position(loop, saved_world)
+        saved_rngs = client.get("rng", {})
+        rng = saved_rngs.get(str(self.rank))
         if rng is not None:
             restore_rng_state(rng)
+        fresh = [r for r in range(self.world) if str(r) not in saved_rngs]
+        if fresh and saved_rngs:
+            self.resume_lines.append(
+                f"rank(s) {', '.join(map(str, fresh))} had no saved RNG state and start from "
+                f"the seed ({self.settings.seed}); dropout is off in GenSLM configs, so this "
+                "changes no result"
+            )
         start_step = self.engine.global_steps
         self._truncate_metrics(start_step)
         self.log(f"resumed from {ckpt_dir / tag} at step {start_step}")
+        for line in self.resume_lines:
+            self.log(f"  {line}")
         if start_step >= self.plan.total_steps:
             self.log(
                 f"the checkpoint is already at step {start_step}, the planned end "
@@ -1250,8 +1328,10 @@ class Trainer:
             )
         return None, [], ()
 
-    def _check_resume_compatible(self, ckpt_dir: Path, tag: str) -> None:
-        """The checkpoint must come from the same model, data, seed and batch layout."""
+    def _check_resume_compatible(self, ckpt_dir: Path, tag: str) -> int:
+        """The checkpoint must come from the same model, data, seed and batch layout (on
+        another world size: the same micro batch and sequences per step). Returns the
+        world size that wrote it."""
         from dstrain.checkpoints import read_model_states
 
         trust = self.settings.trust_checkpoint
@@ -1278,6 +1358,12 @@ class Trainer:
             saved = {**saved, "batching": {"mode": "random", "tokens_per_micro_batch": None}}
         if "optimizer" not in saved and _saved_torch_adam(states):  # before the optimizer key
             saved = {**saved, "optimizer": "AdamW"}
+        saved_batch = saved.get("batch")
+        saved_world = self.world
+        if isinstance(saved_batch, dict) and isinstance(saved_batch.get("world"), int):
+            saved_world = saved_batch["world"]
+        if saved_world != self.world:  # checked below, once the rest agrees
+            saved = {k: v for k, v in saved.items() if k != "batch"}
         diffs = [
             f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
             for key, value in now.items()
@@ -1298,6 +1384,102 @@ class Trainer:
                 + ", or start a new --output-dir (use --init-checkpoint with an export to keep "
                 "the weights)."
             )
+        if saved_world != self.world:
+            problem = self._layout_problem(saved_batch)
+            if problem:
+                raise DstrainError(f"cannot resume from {ckpt_dir / tag} {problem}")
+        return saved_world
+
+    def _layout_problem(self, saved: dict[str, Any]) -> str | None:
+        """Why a checkpoint's batch layout cannot go on at this world size (None: it can).
+        Another world size must keep the micro batch (the data is cut into micro-batches
+        by it, and by the token budget, which the batching identity keeps) and the
+        micro-batches per optimizer step, so that a step, the learning-rate schedule and
+        the data position mean what they meant."""
+        micro, accum, world = (saved.get(k) for k in ("micro", "accum", "world"))
+        if not all(isinstance(v, int) and v >= 1 for v in (micro, accum, world)):
+            return f"on another world size: its batch record {saved!r} is damaged."
+        budget = self.data_settings.tokens_per_micro_batch
+
+        def layout(w: int, m: int, a: int) -> str:
+            if budget is None:
+                unit = "rows" if self.data_settings.batching == "packed" else "sequences"
+                count = f"{w * m * a} {unit}"
+            else:
+                count = f"{w * a} micro-batches of at most {budget:,} tokens"
+            return f"{w} rank{'s' if w != 1 else ''} x micro {m} x accumulation {a} = {count}"
+
+        now = layout(self.world, self.micro, self.accum)
+        same_micro = micro == self.micro
+        if same_micro and accum * world == self.accum * self.world:
+            return None
+        per_step = accum * world  # micro-batches per optimizer step
+        if per_step % self.world == 0:
+            fix = (
+                f"keep the micro batch ({micro}; micro-batches are cut from the data by it) "
+                f"and pass --grad-accum {per_step // self.world} "
+                "(in a config file: train_micro_batch_size_per_gpu and "
+                "gradient_accumulation_steps)"
+            )
+        else:
+            divisors = [n for n in range(1, per_step + 1) if per_step % n == 0]
+            fix = (
+                f"no accumulation gives {per_step} micro-batches per step on {self.world} "
+                f"ranks: resume on a number of ranks that divides {per_step} "
+                f"({', '.join(map(str, divisors))}) with micro {micro}"
+            )
+        return (
+            f"with this batch layout. checkpoint: {layout(world, micro, accum)} per step; "
+            f"now: {now} per step. A resume on another number of ranks keeps the micro "
+            "batch and the size of a step (so that the step count, the learning-rate "
+            f"schedule and the data position mean what they meant): {fix}; or start a new "
+            "--output-dir (--init-checkpoint with an export keeps the weights)."
+        )
+
+    def _load_point(self, ckpt_dir: Path, tag: str, saved_world: int):
+        """Rank 0: (directory, tag, universal, saved world) to load. A checkpoint of this
+        world size loads as it is; of another one, ZeRO-0 loads as it is too (every rank
+        saved the whole optimizer state, in one file), ZeRO 1-3 through DeepSpeed's
+        universal checkpoint, converted once and kept beside the tag."""
+        from dstrain.checkpoints import universal_checkpoint
+
+        if saved_world == self.world:
+            return ckpt_dir, tag, False, saved_world
+        ranks = f"{self.world} rank{'s' if self.world != 1 else ''}"
+        if self.engine.zero_optimization_stage() == 0:
+            self.resume_lines.append(
+                f"checkpoint {tag} was written by {saved_world} ranks, resuming on {ranks} "
+                "(ZeRO-0 keeps the whole optimizer state in one file: no conversion)"
+            )
+            return ckpt_dir, tag, False, saved_world
+        # The other ranks wait in all_ranks_agree (setup: a long phase for the watchdog).
+        path, made = universal_checkpoint(ckpt_dir, tag, trust=self.settings.trust_checkpoint)
+        self.resume_lines.append(
+            f"checkpoint {tag} was written by {saved_world} ranks, "
+            f"{'converted' if made else 'already converted'} to a universal checkpoint at "
+            f"{path}, resuming on {ranks}"
+        )
+        return path.parent, path.name, True, saved_world
+
+    def _reshape_position(self, loop: LoopState, saved_world: int) -> None:
+        """Every rank: the data position of a checkpoint written by `saved_world` ranks,
+        on this world size. The epoch keeps the plan it was laid out with; its
+        micro-batches that the old ranks had not reached go round-robin to these ranks,
+        and the next epoch is planned for them (`dstrain.batch_plan.consumed_after`)."""
+        from dstrain.batch_plan import consumed_after
+
+        plan_world = self.layout.plan_world or saved_world
+        plan = self._plan_epoch(loop.epoch, world=plan_world)
+        total = plan.num_real_micro_batches
+        offset = min(self.layout.offset, total)
+        offset = consumed_after(total, offset, saved_world, loop.micro_in_epoch)
+        self.layout = EpochLayout(plan_world, offset)
+        loop.micro_in_epoch = 0
+        self.resume_lines.append(
+            f"data: epoch {loop.epoch} goes on after {offset} of its {total} micro-batches "
+            f"(planned for {plan_world} rank(s)), the rest dealt over {self.world}; later "
+            f"epochs are planned for {self.world}"
+        )
 
     def run_identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run that saved the checkpoint."""
@@ -1352,15 +1534,26 @@ class Trainer:
 
     # -- the batch plan -------------------------------------------------------------------
 
-    def _plan_epoch(self, epoch: int):
+    def _plan_epoch(self, epoch: int, world: int | None = None):
         return plan_train_epoch(
             self.lengths,
             self.data_settings,
             micro=self.micro,
             epoch=epoch,
             seed=self.settings.seed,
-            world=self.world,
+            world=world or self.world,
         )
+
+    def epoch_share(self, epoch: int):
+        """This rank's micro-batches of `epoch`: its share of the epoch's plan, or after a
+        resume on another world size part-way through it, its share of the rest of the
+        plan the epoch was laid out with (`self.layout`)."""
+        layout = self.layout
+        if (layout.plan_world or self.world) == self.world and not layout.offset:
+            return self.epoch_plan(epoch).share(self.rank)
+        plan = self._plan_epoch(epoch, world=layout.plan_world)
+        offset = min(layout.offset, plan.num_real_micro_batches)
+        return plan.share(self.rank, world=self.world, offset=offset)
 
     def epoch_plan(self, epoch: int):
         """The EpochPlan of `epoch` (the latest one is kept: the loop asks once per epoch)."""
@@ -1630,7 +1823,9 @@ class Trainer:
         self.watchdog.enter("first step")  # JIT builds and warm-up: a long phase
         try:
             while engine.global_steps < total_steps:
-                batches = self.epoch_plan(loop.epoch).share(self.rank)
+                batches = self.epoch_share(loop.epoch)
+                # The share of the epoch run before (a resume on another world size).
+                before = batches.offset / max(batches.plan.num_real_micro_batches, 1)
                 for index in range(loop.micro_in_epoch, len(batches)):
                     rows = batches[index]
                     batch = self.collate_rows(rows)
@@ -1654,7 +1849,8 @@ class Trainer:
                     if not boundary:
                         continue
                     self.watchdog.step_done(engine.global_steps)
-                    self.log_step(loop.epoch + (index + 1) / len(batches), step_lr)
+                    done = before + (1 - before) * (index + 1) / len(batches)
+                    self.log_step(loop.epoch + done, step_lr)
                     if engine.global_steps >= total_steps:
                         return None  # done: finish() evaluates, saves and exports
                     if self.stop_requested():
@@ -1662,6 +1858,7 @@ class Trainer:
                     self.periodic_eval_and_save()
                 loop.epoch += 1
                 loop.micro_in_epoch = 0
+                self.layout = EpochLayout()  # a new epoch is planned for these ranks
         except Exception as exc:
             if "loss scale already at minimum" in str(exc):
                 raise DstrainError(
@@ -1738,11 +1935,15 @@ class Trainer:
         rngs = [None] * self.world
         self.dist.all_gather_object(rngs, capture_rng_state())
         step = self.engine.global_steps
+        # The counters as whole-job figures: a resume on any world size carries them on.
+        totals = self.all_reduce([getattr(self.loop, name) for name in LOOP_COUNTERS])
+        loop = {**self.loop.to_dict(), **dict(zip(LOOP_COUNTERS, map(int, totals), strict=True))}
         client_state = {
             "dstrain": {
                 **self.run_identity(),
                 "step": step,
-                "loop": self.loop.to_dict(),
+                "loop": {**loop, "counters": "global"},
+                "epoch_layout": dataclasses.asdict(self.layout),
                 "rng": {str(r): s for r, s in enumerate(rngs)},
             }
         }
@@ -1891,8 +2092,11 @@ def _offload_device(offload) -> str:
     return str(getattr(device, "value", device))
 
 
-def estimate_run_memory(arch, run: DsRun, world: int, seq_len: int, micro: int):
-    """`dstrain estimate` for this run (per rank, configured stage)."""
+def estimate_run_memory(
+    arch, run: DsRun, world: int, seq_len: int, micro: int, *, zero_init: bool | None = None
+):
+    """`dstrain estimate` for this run (per rank, configured stage); `zero_init` as
+    `TrainSettings.zero_init` (None: zero.Init under stage 3, as `build_engine` does)."""
     import torch
 
     from dstrain.memory import estimate_for_run
@@ -1908,6 +2112,7 @@ def estimate_run_memory(arch, run: DsRun, world: int, seq_len: int, micro: int):
         seq_len=seq_len,
         micro_batch=micro,
         activation_checkpointing="full" if run.activation_checkpointing.enabled else "none",
+        zero_init=zero_init,
     )
 
 

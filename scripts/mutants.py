@@ -127,6 +127,16 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=("tests/test_packing.py::test_packed_equals_alone_and_padded",),
         fault="a packed example is trained to predict the next example's first codon",
     ),
+    Mutant(
+        name="reshape-forgets-ranks",
+        path="dstrain/batch_plan.py",
+        anchor="    return offset + min(micro_done * world, plan_micro_batches - offset)\n",
+        replacement="    return offset + min(micro_done, plan_micro_batches - offset)\n",
+        tests=(
+            "tests/test_elastic.py::test_no_micro_batch_is_skipped_or_run_twice_across_world_sizes",
+        ),
+        fault="a resume on another world size counts one rank's micro-batches as the job's",
+    ),
 )
 
 

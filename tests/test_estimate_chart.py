@@ -172,6 +172,7 @@ def test_startup_peak_is_drawn_where_it_exceeds_the_step_peak():
             nodes=4,
             gpu_mem_gib=80.0,
             activation_checkpointing="full",
+            zero_init=False,  # dstrain train --no-zero-init
         )
     )
     zero3 = chart.stages[3]

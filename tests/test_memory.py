@@ -324,11 +324,27 @@ def test_when_nothing_fits_it_names_the_changes_that_make_a_stage_fit():
 
 def test_zero3_without_zero_init_must_fit_the_whole_16_bit_model_at_startup():
     dims = model_dims_from_architecture(get_architecture("genslm_25B"))
-    inp = _inputs(dims, 64, gpu_mem_gib=40, activation_checkpointing="full")
+    inp = _inputs(dims, 64, gpu_mem_gib=40, activation_checkpointing="full", zero_init=False)
     row = estimate_zero_memory(inp).stage(3)
     assert row.startup_bytes == 2 * dims.num_params > 36 * GIB
     assert row.fits is False
-    assert estimate_zero_memory(dataclasses.replace(inp, zero_init=True)).stage(3).fits is True
+    assert "--zero-init" in estimate_zero_memory(inp).recommendation
+    # dstrain train builds under zero.Init at stage 3 unless told not to (zero_init None)
+    for zero_init in (True, None):
+        row = estimate_zero_memory(dataclasses.replace(inp, zero_init=zero_init)).stage(3)
+        assert row.fits is True and row.startup_bytes == 0
+
+
+def test_cpu_per_node_counts_the_whole_fp32_build_where_train_does_one():
+    dims = model_dims_from_architecture(get_architecture("genslm_2.5B"))
+    whole = 4 * dims.num_params * 8  # fp32 on each of 8 ranks of the node
+    default = estimate_zero_memory(_inputs(dims, 8))
+    assert [r.cpu_bytes_per_node for r in default.stages] == [whole, whole, whole, 0]
+    old_path = estimate_zero_memory(_inputs(dims, 8, zero_init=False))
+    assert [r.cpu_bytes_per_node for r in old_path.stages] == [whole] * 4
+    # --zero-init cannot help stages 0-2: DeepSpeed partitions at build time for stage 3 only
+    forced = estimate_zero_memory(_inputs(dims, 8, zero_init=True))
+    assert [r.cpu_bytes_per_node for r in forced.stages] == [whole, whole, whole, 0]
 
 
 def test_no_gpu_memory_given_means_fit_unknown():
