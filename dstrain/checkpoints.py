@@ -280,7 +280,8 @@ def remove_stale_staging(ckpt_dir: Path) -> list[str]:
             continue
         if path.name.endswith(".partial"):
             shutil.rmtree(path, ignore_errors=True)
-            notes.append(f"removed {path} (a save that never finished)")
+            what = "conversion" if path.name.endswith(f"{UNIVERSAL_SUFFIX}.partial") else "save"
+            notes.append(f"removed {path} (a {what} that never finished)")
         elif path.name.endswith(".old") and _STEP_TAG.fullmatch(path.name[:-4]):
             published = ckpt_dir / path.name[:-4]
             if published.exists():
@@ -897,7 +898,10 @@ def restore_universal_param_groups(engine: Any, universal_dir: Path) -> None:
     for values in state.values():
         if torch.is_tensor(values.get("step")):
             values["step"] = values["step"].clone()
-    saved = load_restricted(universal_dir / "zero" / "optimizer_state.pt").get("param_groups")
+    # Memory-mapped: the file holds rank 0's whole fp32 partition and moments too.
+    saved = load_restricted(universal_dir / "zero" / "optimizer_state.pt", mmap=True).get(
+        "param_groups"
+    )
     groups = engine.optimizer.optimizer.param_groups
     if not isinstance(saved, list) or len(saved) != len(groups):
         raise DstrainError(

@@ -309,6 +309,38 @@ def all_ranks_agree(dist, message: str | None) -> None:
         raise same_on_all_ranks(DstrainError(failed[0]))
 
 
+RANK_ZERO_WAIT = timedelta(hours=24)
+"""How long the other ranks wait while rank 0 picks, checks and (on another world size)
+converts the checkpoint to resume: a universal conversion of billions of parameters reads
+and writes the optimizer state twice, past any collective timeout. A rank 0 that dies
+meanwhile is caught by the watchdog (setup is a long phase), not by this limit."""
+
+
+def _default_store():
+    """The process group's rendezvous store (None if this torch hides it)."""
+    import torch.distributed as torch_dist
+
+    try:
+        return torch_dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def rank_zero_done(key: str) -> None:
+    """Rank 0: tell the ranks in `wait_for_rank_zero(key)` to go on."""
+    store = _default_store()
+    if store is not None:
+        store.set(key, "done")
+
+
+def wait_for_rank_zero(key: str) -> None:
+    """Ranks 1..N: wait, outside any collective and its timeout, until rank 0 has called
+    `rank_zero_done(key)`."""
+    store = _default_store()
+    if store is not None:
+        store.wait([key], RANK_ZERO_WAIT)
+
+
 def same_on_all_ranks(exc: DstrainError) -> DstrainError:
     """Mark an error every rank raises alike, so that only rank 0 prints it."""
     exc.same_on_all_ranks = True
@@ -670,6 +702,7 @@ def run(
                 f"installed: pip install {' '.join(missing)}, or turn the monitor off."
             )
         )
+    check_zero_init(settings, checked)
     check_output_dir(output_dir)
 
     # 2. Processes.
@@ -994,6 +1027,21 @@ def device_line(engine, precision: str, optimizer: str) -> str:
     return f"device {device} | {precision} | {optimizer} | attention {attention}"
 
 
+def check_zero_init(settings: TrainSettings, checked: CheckedConfig) -> None:
+    """--zero-init only with ZeRO stage 3 (checked before the data is prepared, and again
+    by `build_engine` for its other callers)."""
+    stage = checked.run.zero.stage
+    if settings.zero_init and stage != 3:
+        raise same_on_all_ranks(
+            DstrainError(
+                f"--zero-init (zero_init) needs ZeRO stage 3, but {checked.source} asks for "
+                f"stage {stage}: deepspeed.zero.Init partitions parameters the way only "
+                "stage 3 trains them. Drop --zero-init, or train with stage 3 (--zero 3, or "
+                "zero_optimization.stage 3 in the JSON)."
+            )
+        )
+
+
 def build_engine(
     arch,
     settings: TrainSettings,
@@ -1013,15 +1061,7 @@ def build_engine(
     from dstrain.model import build_model, load_init_checkpoint
 
     run = checked.run
-    if settings.zero_init and run.zero.stage != 3:
-        raise same_on_all_ranks(
-            DstrainError(
-                f"--zero-init (zero_init) needs ZeRO stage 3, but {checked.source} asks for "
-                f"stage {run.zero.stage}: deepspeed.zero.Init partitions parameters the way "
-                "only stage 3 trains them. Drop --zero-init, or train with stage 3 "
-                "(--zero 3, or zero_optimization.stage 3 in the JSON)."
-            )
-        )
+    check_zero_init(settings, checked)
     # Refuses emulated bf16 before anything is built; CPU: torch AdamW for an auto block.
     config, optimizer = device_config(checked, log)
     config = json.loads(json.dumps(config))  # plain dicts (see deepspeed.initialize below)
@@ -1218,6 +1258,7 @@ class Trainer:
         )
 
         where, failure, load = None, None, None
+        ready = f"dstrain/resume-point/{self.output_dir.resolve()}"
         if self.rank == 0:
             try:
                 where, notes, damaged = self._resume_point()
@@ -1236,6 +1277,11 @@ class Trainer:
                 failure = str(exc)
             except OSError as exc:  # every rank must hear of it, or the others would wait
                 failure = f"cannot use {exc.filename}: {exc.strerror or exc}"
+            finally:
+                if self.world > 1:
+                    rank_zero_done(ready)
+        elif self.world > 1:  # a conversion may outlast the collectives' timeout
+            wait_for_rank_zero(ready)
         all_ranks_agree(self.dist, failure)
         decision = [where, load]
         self.dist.broadcast_object_list(decision, src=0)
@@ -1252,7 +1298,10 @@ class Trainer:
         finally:
             config.load_universal_checkpoint = plain
         if universal:
-            restore_universal_param_groups(self.engine, load_dir / load_tag)
+            try:
+                restore_universal_param_groups(self.engine, load_dir / load_tag)
+            except DstrainError as exc:
+                raise same_on_all_ranks(exc) from None
         sync_lr_to_schedule(self.engine)  # the saved position, not advanced again
         saved_loop = client.get("loop", {})
         loop = LoopState.from_dict(saved_loop)
@@ -1277,9 +1326,7 @@ class Trainer:
             )
         start_step = self.engine.global_steps
         self._truncate_metrics(start_step)
-        self.log(f"resumed from {ckpt_dir / tag} at step {start_step}")
-        for line in self.resume_lines:
-            self.log(f"  {line}")
+        self.log(f"resumed from {ckpt_dir / tag} at step {start_step}")  # details: the banner
         if start_step >= self.plan.total_steps:
             self.log(
                 f"the checkpoint is already at step {start_step}, the planned end "
@@ -1452,7 +1499,12 @@ class Trainer:
                 "(ZeRO-0 keeps the whole optimizer state in one file: no conversion)"
             )
             return ckpt_dir, tag, False, saved_world
-        # The other ranks wait in all_ranks_agree (setup: a long phase for the watchdog).
+        # The other ranks wait in wait_for_rank_zero (setup: a long phase for the watchdog).
+        self.log(
+            f"checkpoint {tag} was written by {saved_world} ranks: preparing its universal copy "
+            f"(a conversion takes minutes for billions of parameters; `dstrain checkpoint "
+            f"reshape {ckpt_dir / tag}` does it ahead of time)"
+        )
         path, made = universal_checkpoint(ckpt_dir, tag, trust=self.settings.trust_checkpoint)
         self.resume_lines.append(
             f"checkpoint {tag} was written by {saved_world} ranks, "
@@ -1585,6 +1637,10 @@ class Trainer:
         )
         log(f"  config: {self.config_source}")
         log(f"  {device_line(engine, self.precision, self.optimizer_text)}")
+        if self.run.zero.stage == 3 and self.settings.zero_init is not False:
+            log("  model: built under deepspeed.zero.Init (each rank holds its partitions only)")
+        for line in self.resume_lines:  # a conversion, a new layout, fresh RNG states
+            log(f"  resume: {line}")
         for note in self.run.notes:
             log(f"  config note: {note}")
         built = engine_run_mismatch(engine, self.run)

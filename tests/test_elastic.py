@@ -321,3 +321,61 @@ def test_one_rank_resumes_on_two_through_a_reshaped_checkpoint(tmp_path, capsys)
     assert max_weight_difference(final, resumed / "params_rank0.pt") <= 1e-5
     assert max_weight_difference(final, resumed / "params_rank1.pt") <= 1e-5
     assert summary(resumed)["samples_seen"] == summary(straight)["samples_seen"] == 2 * STEPS
+
+
+def reshaped_trainer(lengths, mode: str, *, world: int, accum: int, epochs: float):
+    """A Trainer with only what the data-position code reads (no engine, no data files):
+    its real `_reshape_position`, `epoch_share` and planning."""
+    from dstrain.settings import DataSettings, TrainSettings
+    from dstrain.train import EpochLayout, Trainer, plan_run
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.settings = TrainSettings(epochs=epochs, seed=5)
+    trainer.data_settings = DataSettings(max_length=64, batching=mode)
+    trainer.lengths = np.asarray(lengths)
+    trainer.micro, trainer.world, trainer.accum, trainer.rank = 1, world, accum, 0
+    trainer.layout, trainer.resume_lines, trainer._epoch_plan = EpochLayout(), [], None
+    epoch_micro = None if mode == "random" else trainer.micro_per_epoch
+    trainer.plan = plan_run(
+        len(lengths),
+        world=world,
+        micro=1,
+        accum=accum,
+        epochs=epochs,
+        max_steps=None,
+        epoch_micro=epoch_micro,
+    )
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["random", "grouped"])
+@pytest.mark.parametrize(("old", "new"), [((2, 1), (1, 2)), ((1, 2), (2, 1))])
+def test_epochs_after_a_reshape_train_every_example(mode, old, new):
+    """--epochs 1 on 43 examples: 2 ranks pad the epoch to 44 micro-batches, 1 rank plans
+    43. Stopped half-way and resumed on the other world size (the end step planned for
+    the new one), the run still reaches every example but those of a final partial
+    accumulation window, as any run's final epoch leaves out."""
+    from dstrain.train import LoopState
+
+    lengths = [20] * 43
+    (old_world, old_accum), (new_world, new_accum) = old, new
+    before = reshaped_trainer(lengths, mode, world=old_world, accum=old_accum, epochs=1)
+    stop_step = before.plan.total_steps // 2
+    done_per_rank = stop_step * old_accum
+    trained = {
+        i
+        for rank in range(old_world)
+        for rows in before.epoch_plan(0).share(rank)[:done_per_rank]
+        for row in rows
+        for i in row
+    }
+    after = reshaped_trainer(lengths, mode, world=new_world, accum=new_accum, epochs=1)
+    loop = LoopState(epoch=0, micro_in_epoch=done_per_rank)
+    after._reshape_position(loop, old_world)
+    left = (after.plan.total_steps - stop_step) * new_accum
+    for rank in range(new_world):
+        after.rank = rank
+        trained |= {i for rows in after.epoch_share(0)[:left] for row in rows for i in row}
+    # Only a last partial accumulation window may stay out, as in any run's final epoch.
+    missing = set(range(43)) - trained
+    assert len(missing) <= after.plan.unused_tail < new_accum
