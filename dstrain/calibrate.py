@@ -939,7 +939,7 @@ def calibration_to_json(cal: Calibration) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """`VmRSS` / `VmHWM` of this process in bytes (/proc/self/status gives kB)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -947,7 +947,7 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """VmHWM back to the current RSS (Linux >= 4.0)."""
     Path("/proc/self/clear_refs").write_text("5")
 
@@ -994,13 +994,13 @@ def measure_rank(
     def peak() -> int:
         if cuda:
             return torch.cuda.max_memory_allocated() - base_allocated
-        return _status_bytes("VmHWM") - baseline
+        return status_bytes("VmHWM") - baseline
 
     _warm_up(checked)
     gc.collect()
     synchronize()
-    baseline = _status_bytes("VmRSS")
-    _reset_peak_rss()
+    baseline = status_bytes("VmRSS")
+    reset_peak_rss()
     base_allocated = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -23,6 +23,7 @@ fails, an anchor is missing, a run errs or times out, or a mutant survives.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -270,6 +271,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--timeout", type=float, default=300, help="Seconds per pytest run (default 300)."
     )
     p.add_argument("--keep", action="store_true", help="Keep the temporary copies.")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Mutants tested at once, each in its own copy (default 1; CI uses 2).",
+    )
     return p.parse_args(argv)
 
 
@@ -305,32 +312,44 @@ def main(argv: list[str] | None = None) -> int:
             print("mutation check: the copy is not what gets imported:\n  " + "\n  ".join(problems))
             return 1
         tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-        print(f"mutation check: baseline, {len(tests)} test(s) on the unmutated copy", flush=True)
-        baseline = run_tests(baseline_copy, tests, args.timeout * 2)
-        if baseline.returncode != 0:
-            print(baseline.output[-6000:])
-            print(
-                f"mutation check: the named tests fail without any mutant ({outcome(baseline)}); "
-                "fix them first: a failure under a mutant would prove nothing"
-            )
-            return 1
-        rows = [
-            ("(baseline)", f"{len(tests)} tests, unmutated", "passed", f"{baseline.seconds:.0f}")
-        ]
-        failed = []
-        for m in mutants:
+
+        def test_mutant(m: Mutant) -> Run:
             copy = copy_repo(work / m.name)
             (copy / m.path).write_text(mutated[m.name], encoding="utf-8")
             print(f"mutation check: {m.name} ({m.fault})", flush=True)
             run = run_tests(copy, m.tests, args.timeout)
+            if not args.keep:
+                shutil.rmtree(copy, ignore_errors=True)
+            return run
+
+        # The baseline first, then each mutant in its own copy and session (tests pick free
+        # ports), `--jobs` at a time; a mutant's result counts only once the baseline passed.
+        print(f"mutation check: baseline, {len(tests)} test(s) on the unmutated copy", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            pending = pool.submit(run_tests, baseline_copy, tests, args.timeout * 2)
+            futures = [pool.submit(test_mutant, m) for m in mutants]
+            baseline = pending.result()
+            if baseline.returncode != 0:
+                pool.shutdown(cancel_futures=True)
+                print(baseline.output[-6000:])
+                print(
+                    "mutation check: the named tests fail without any mutant "
+                    f"({outcome(baseline)}); fix them first: a failure under a mutant would "
+                    "prove nothing"
+                )
+                return 1
+            runs = [future.result() for future in futures]
+        rows = [
+            ("(baseline)", f"{len(tests)} tests, unmutated", "passed", f"{baseline.seconds:.0f}")
+        ]
+        failed = []
+        for m, run in zip(mutants, runs, strict=True):
             result = outcome(run)
             rows.append((m.name, ", ".join(map(short, m.tests)), result, f"{run.seconds:.0f}"))
             if result != "killed":
                 failed.append(m.name)
                 if result != "SURVIVED":
                     print(run.output[-4000:])
-            if not args.keep:
-                shutil.rmtree(copy, ignore_errors=True)
     finally:
         if args.keep:
             print(f"copies kept in {work}")

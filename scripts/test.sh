@@ -11,5 +11,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/dstrain validate ds_configs/*.json
 .venv/bin/python -m pytest -q --durations=20 "$@"
 if [[ $# -eq 0 && -z "${DSTRAIN_SKIP_MUTANTS:-}" ]]; then
-    .venv/bin/python scripts/mutants.py
+    .venv/bin/python scripts/mutants.py --jobs 2
 fi

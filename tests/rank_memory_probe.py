@@ -64,6 +64,8 @@ torch.distributed.distributed_c10d.default_pg_timeout = timedelta(seconds=60)
 import deepspeed  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
+from dstrain.calibrate import reset_peak_rss, status_bytes  # noqa: E402
+
 # The shm comm op is JIT-built (~35 s) at the first init_distributed unless turned off.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
@@ -241,23 +243,10 @@ def _kept_flats(probe: dict) -> dict:
     return {f"flatten[{i}]": ("model_gradient_bytes", t) for i, t in enumerate(flats)}
 
 
-def _proc_status_bytes(field: str) -> int:
-    """`VmRSS` / `VmHWM` of this process, in bytes (/proc/self/status gives kB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    """Set VmHWM back to the current resident set (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def run_case(stage: int, precision: str) -> dict:
     """Two training steps of one case; the snapshots of the second."""
     gc.collect()
-    baseline_rss = _proc_status_bytes("VmRSS")
+    baseline_rss = status_bytes("VmRSS")
     torch.manual_seed(0)
     config = GPTNeoXConfig(
         **MODEL, max_position_embeddings=64, tie_word_embeddings=False, use_cache=False
@@ -293,7 +282,7 @@ def run_case(stage: int, precision: str) -> dict:
     ids = ids.view(MICRO_BATCH, SEQ_LEN)
     peak_rss = 0
     for _ in range(2):
-        _reset_peak_rss()
+        reset_peak_rss()
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         snaps["after_backward"] = snapshot(engine)
         probe["stepping"] = True
@@ -301,7 +290,7 @@ def run_case(stage: int, precision: str) -> dict:
         probe["stepping"] = False
         probe["flats"].clear()
         snaps["after_step"] = snapshot(engine)
-        peak_rss = _proc_status_bytes("VmHWM")  # the second step's, like the snapshots
+        peak_rss = status_bytes("VmHWM")  # the second step's, like the snapshots
 
     result = {
         "numel": numel,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from subprocs import deepspeed_launcher, run_cli, run_in_session
+from test_batching import LAYOUTS
 
 from dstrain.batch_plan import consumed_after, plan_epoch
 from dstrain.errors import DstrainError
@@ -32,14 +33,6 @@ HA_FASTA = REPO / "dstrain" / "data" / "ha_CY163680_sequences.fasta"
 LENGTHS = np.array((2048, 952, 1273, 419, 275, 222, 121, 75, 61, 38) * 9 + (579,) * 17)
 """107 examples of mixed lengths: no micro-batch count divides evenly over 2, 3 or 4."""
 
-LAYOUTS = [
-    ("random", None),
-    ("random", 4096),
-    ("grouped", None),
-    ("grouped", 4096),
-    ("packed", None),
-    ("packed", 4096),
-]
 
 CHAINS = [(2, 1), (1, 2), (1, 4), (4, 1), (2, 4), (4, 2), (2, 1, 4), (4, 1, 2, 3), (3, 3)]
 """World sizes an epoch runs on, one after another (the last runs the epoch to its end)."""
